@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: install
-	$(BIN)/python -m benchmarks.run_all
+	for f in benchmarks/bench_*.py; do $(BIN)/python -m benchmarks.$$(basename $$f .py) || exit 1; done
 
 cuda-check:
 	bash csrc/cuda_check.sh
