@@ -1,0 +1,117 @@
+"""Run-directory checkpoints: atomic writes (temp file + fsync + rename), keep-last-K, resume from the latest,
+corruption/truncation detected with a clear error, and the exported EMA weights (safetensors + JSON config).
+
+Layout (consumed by evaluation):
+    run_dir/config.json                     full run config (plain dict)
+    run_dir/checkpoints/ckpt-<images:09d>.pt training state, loadable with torch.load(weights_only=True)
+    run_dir/ema.safetensors + ema.json      exported EMA weights + the run config
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d{9,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or exported model that cannot be used; the message names the file."""
+
+
+def checkpoint_path(run_dir, images_seen: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"ckpt-{images_seen:09d}.pt"
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Checkpoints of a run, oldest first (by images seen)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(temporary_path)` then fsync and rename: a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(run_dir, images_seen: int, state: dict, keep: int = 3) -> Path:
+    """Writes checkpoints/ckpt-<images>.pt and deletes all but the newest `keep` (keep <= 0 keeps all)."""
+    path = checkpoint_path(run_dir, images_seen)
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, bit rot, foreign pickle: all unusable
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({error}); "
+                              f"delete it to resume from the previous checkpoint") from error
+    if not isinstance(state, dict) or "config" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a cepdiff training checkpoint (no 'config' entry)")
+    return state
+
+
+def write_json(path, data: dict) -> None:
+    atomic_write(Path(path), lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def export_ema(run_dir, ema_state_dict: dict, config: dict) -> None:
+    """run_dir/ema.safetensors (weights) + run_dir/ema.json (the run config, to rebuild the model)."""
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in ema_state_dict.items()}
+    atomic_write(Path(run_dir) / "ema.safetensors", lambda temporary: save_file(tensors, str(temporary)))
+    write_json(Path(run_dir) / "ema.json", config)
+
+
+def load_ema_model(run_dir, map_location="cpu"):
+    """(EMA model in eval mode, run config). Uses the exported ema.safetensors, or else the newest checkpoint's EMA."""
+    from models import build_model
+
+    run_dir = Path(run_dir)
+    weights, config_file = run_dir / "ema.safetensors", run_dir / "ema.json"
+    if weights.is_file() and config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+            state_dict = load_file(str(weights), device=str(map_location))
+        except (json.JSONDecodeError, SafetensorError, OSError) as error:
+            raise CheckpointError(f"exported EMA in {run_dir} is corrupt ({error})") from error
+    else:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise CheckpointError(f"run_dir {run_dir} has neither ema.safetensors nor checkpoints/ckpt-*.pt")
+        state = load_checkpoint(latest, map_location)
+        config, state_dict = state["config"], state["ema"]
+    model = build_model(dict(config["model"]))
+    model.load_state_dict(state_dict)
+    return model.to(map_location).eval(), config
