@@ -1,0 +1,127 @@
+"""Condition encoders: class embedder, control metadata (paper 2), and the one place CEP touches a condition.
+
+Text encoding (tokenizer + from-scratch transformer) lives in models/text_encoder.py.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from models.cep import CEP, cross_attention, perturb
+
+CONTROL_FIELDS = ("crop_top", "crop_left", "original_height", "original_width", "flip")
+
+
+#################################################################################
+#                        CEP on a condition-encoder output                      #
+#################################################################################
+
+class Condition(NamedTuple):
+    """A condition-encoder output c_theta(y) plus the CEP draw (paper 1 Eq. 8) every consumer must apply identically.
+
+    The adaLN path reads `perturbed()`; cross-attention layers call `attend()`, which hands the same
+    (gamma, mode, seed, offset 0) to the fused cep::cross_attention op, so every layer sees the same c + delta
+    without materialising it.
+    """
+    embedding: torch.Tensor          # clean encoder output, [B, D] or [B, M, C]
+    mask: torch.Tensor | None        # bool [B, M] (True = attend) for token conditions
+    gamma: float                     # 0 when CEP is inactive (eval mode, mode "none" or gamma 0)
+    mode: str
+    seed: int
+    dim: int | None                  # d in gamma / sqrt(d); None = last dimension
+
+    def perturbed(self) -> torch.Tensor:
+        if self.gamma == 0:
+            return self.embedding
+        return perturb(self.embedding, self.gamma, self.mode, self.seed, 0, self.dim)
+
+    def attend(self, q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+        """softmax(q K^T / sqrt(Dh)) V with K, V from the perturbed tokens: q [B, H, N, Dh] -> [B, H, N, Dh]."""
+        mode = self.mode if self.gamma > 0 else "uniform"
+        return cross_attention(q, self.embedding, w_k, w_v, self.mask, self.gamma, mode, self.seed, 0, self.dim)
+
+
+def apply_cep(cep: CEP, embedding: torch.Tensor, mask: torch.Tensor | None = None) -> Condition:
+    """Attach a fresh CEP draw to an encoder output (one seed per forward pass, shared by all layers)."""
+    seed = cep.draw_seed()
+    if seed is None:
+        return Condition(embedding, mask, 0.0, cep.mode, 0, cep.dim)
+    return Condition(embedding, mask, cep.gamma, cep.mode, seed, cep.dim)
+
+
+#################################################################################
+#                                 Class labels                                  #
+#################################################################################
+
+class ClassEmbedder(nn.Module):
+    """Class labels -> vectors; row `num_classes` is the null class used for classifier-free guidance.
+
+    In training mode labels are replaced by the null class with probability dropout_prob (DiT's label dropout).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.1):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if not 0 <= dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob must lie in [0, 1), got {dropout_prob!r}")
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"y must be an integer tensor [B], got {getattr(labels, 'shape', labels)!r}")
+        if bool(((labels < 0) | (labels > self.num_classes)).any()):
+            raise ValueError(f"y must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)                           # [B, D]
+
+
+#################################################################################
+#                    Control metadata (paper 2, §2.1 and §3.3)                  #
+#################################################################################
+
+def fourier_features(values: torch.Tensor, num_frequencies: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of each scalar (as DiT's timestep embedding / SDXL micro-conditioning): [..., K] ->
+    [..., K * num_frequencies]."""
+    half = num_frequencies // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[..., None] * freqs                          # [..., K, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).flatten(-2)
+
+
+def control_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.Tensor:
+    """Noise-level weight of the control embedding: w(t) = cos(pi/2 * t/(T-1))^alpha, 1 at the clean end, 0 at pure
+    noise, so control metadata cannot steer the semantics decided early in sampling (paper 2, Fig. 3).
+
+    Paper 2's exact formula is not available (digest §2.3); this cosine ramp with shape alpha is the documented stand-in.
+    """
+    phase = (t.float() / (num_timesteps - 1)).clamp(0, 1)
+    return torch.cos(0.5 * math.pi * phase).clamp(min=0) ** alpha
+
+
+class ControlEmbedder(nn.Module):
+    """Control metadata Float[B, K] (crop top, crop left, original h, original w, flip) -> noise-weighted vector."""
+
+    def __init__(self, num_controls: int, hidden_size: int, frequency_size: int = 64, alpha: float = 1.0,
+                 num_timesteps: int = 1000):
+        super().__init__()
+        if not isinstance(num_controls, int) or num_controls < 1:
+            raise ValueError(f"control_dim must be an int >= 1, got {num_controls!r}")
+        if not alpha > 0:
+            raise ValueError(f"control_alpha must be > 0, got {alpha!r}")
+        self.mlp = nn.Sequential(nn.Linear(num_controls * frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.num_controls, self.frequency_size = num_controls, frequency_size
+        self.alpha, self.num_timesteps = alpha, num_timesteps
+
+    def forward(self, control: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(control, torch.Tensor) or control.shape != (t.shape[0], self.num_controls):
+            raise ValueError(f"control must be a float tensor [B, {self.num_controls}], "
+                             f"got {getattr(control, 'shape', control)!r}")
+        features = fourier_features(control, self.frequency_size).to(self.mlp[0].weight.dtype)
+        embedding = self.mlp(features)                                                 # [B, D]
+        return control_weight(t, self.num_timesteps, self.alpha).to(embedding.dtype)[:, None] * embedding

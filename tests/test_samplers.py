@@ -1,0 +1,110 @@
+"""Samplers: exact-score Gaussian mixtures, determinism, batch-size independence, guidance."""
+import math
+
+import pytest
+import torch
+
+from models.diffusion import GaussianDiffusion, make_betas, sample
+
+DIFFUSION = GaussianDiffusion(make_betas("linear", 1000))
+
+
+class MixtureEps:
+    """The exact eps-model of a noised isotropic Gaussian mixture: eps = -sqrt(1 - alpha_bar) * score(x_t)."""
+
+    def __init__(self, weights, means, stds, diffusion=DIFFUSION):
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.means = torch.tensor(means, dtype=torch.float64)        # [K, D]
+        self.stds = torch.tensor(stds, dtype=torch.float64)          # [K]
+        self.alphas_cumprod = diffusion.alphas_cumprod
+
+    def __call__(self, x, t, shift=0.0):
+        a = self.alphas_cumprod[t].reshape(-1, 1, 1)                 # [B, 1, 1]
+        xd = x.double()[:, None, :]                                  # [B, 1, D]
+        means = a.sqrt() * (self.means + shift)[None]                # [B, K, D]
+        var = a * self.stds[None, :, None] ** 2 + 1 - a              # [B, K, 1]
+        log_p = (self.weights.log()[None] - 0.5 * ((xd - means) ** 2 / var).sum(-1)
+                 - 0.5 * x.shape[1] * var[..., 0].log())             # [B, K]
+        resp = log_p.softmax(-1)[..., None]                          # [B, K, 1]
+        score = (resp * -(xd - means) / var).sum(1)                  # [B, D]
+        return (-(1 - a[:, 0]).sqrt() * score).to(x.dtype)
+
+    def moments(self):
+        """Mixture mean and per-dimension variance."""
+        w = self.weights[:, None]
+        mean = (w * self.means).sum(0)
+        second = (w * (self.means**2 + self.stds[:, None] ** 2)).sum(0)
+        return mean, second - mean**2
+
+
+def generators(n, offset=0):
+    return [torch.Generator().manual_seed(offset + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("sampler,steps,dims", [("ddim", 50, 1), ("dpm++2m", 25, 2), ("ddpm", 100, 2)])
+def test_exact_score_reproduces_mixture_moments(sampler, steps, dims):
+    means = [[-2.0] * dims, [1.5] * dims]
+    mixture = MixtureEps([0.3, 0.7], means, [0.5, 0.3])
+    n = 2000
+    x = sample(mixture, DIFFUSION, (n, dims), {}, {}, sampler=sampler, steps=steps, generators=generators(n))
+    mean, var = mixture.moments()
+    # Monte-Carlo standard error of the mean is sqrt(var / n) ~ 0.036; discretisation error is smaller still.
+    torch.testing.assert_close(x.double().mean(0), mean, atol=0.12, rtol=0)
+    torch.testing.assert_close(x.double().var(0), var, atol=0.25, rtol=0.08)
+    # Mass of each mode (sign of x) within 3 standard errors of its weight.
+    left = (x[:, 0] < 0).double().mean()
+    assert abs(float(left) - 0.3) < 3 * math.sqrt(0.3 * 0.7 / n)
+
+
+def test_ddim_eta0_is_deterministic_and_batch_independent():
+    mixture = MixtureEps([0.5, 0.5], [[-1.0, 0.0], [1.0, 1.0]], [0.4, 0.4])
+    a = sample(mixture, DIFFUSION, (6, 2), {}, {}, sampler="ddim", steps=20, generators=generators(6))
+    b = sample(mixture, DIFFUSION, (6, 2), {}, {}, sampler="ddim", steps=20, generators=generators(6))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Images 2..5 drawn in a batch of 4 equal the same images drawn in the batch of 6 (one generator per image).
+    for sampler in ("ddim", "ddpm", "dpm++2m"):
+        full = sample(mixture, DIFFUSION, (6, 2), {}, {}, sampler=sampler, steps=20, generators=generators(6))
+        part = sample(mixture, DIFFUSION, (4, 2), {}, {}, sampler=sampler, steps=20, generators=generators(4, 2))
+        torch.testing.assert_close(full[2:], part, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_is_stochastic_across_seeds():
+    mixture = MixtureEps([1.0], [[0.0]], [1.0])
+    a = sample(mixture, DIFFUSION, (4, 1), {}, {}, sampler="ddpm", steps=10, generators=generators(4))
+    b = sample(mixture, DIFFUSION, (4, 1), {}, {}, sampler="ddpm", steps=10, generators=generators(4, 100))
+    assert not torch.allclose(a, b)
+
+
+def test_guidance_scale_one_equals_conditional_and_guidance_extrapolates():
+    mixture = MixtureEps([1.0], [[0.0, 0.0]], [0.2])
+    gens = generators(8)
+    conditional = sample(mixture, DIFFUSION, (8, 2), {"shift": 1.0}, {"shift": 0.0}, steps=20, guidance=1.0,
+                         generators=gens)
+    plain = sample(lambda x, t: mixture(x, t, shift=1.0), DIFFUSION, (8, 2), {}, {}, steps=20,
+                   generators=generators(8))
+    torch.testing.assert_close(conditional, plain, rtol=0, atol=0)
+    # Guidance s pushes the means along eps_c - eps_u: the conditional mean (1) moves beyond 1 for s = 3.
+    guided = sample(mixture, DIFFUSION, (8, 2), {"shift": 1.0}, {"shift": 0.0}, steps=20, guidance=3.0,
+                    generators=generators(8))
+    assert float(guided.mean()) > float(conditional.mean()) + 0.5
+
+
+def test_learn_sigma_output_uses_first_half():
+    mixture = MixtureEps([1.0], [[0.5, -0.5]], [0.3])
+    doubled = lambda x, t: torch.cat([mixture(x[:, :2], t), torch.randn_like(x)], dim=1)  # noqa: E731
+    a = sample(mixture, DIFFUSION, (4, 2), {}, {}, steps=10, generators=generators(4))
+    b = sample(doubled, DIFFUSION, (4, 2), {}, {}, steps=10, generators=generators(4))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"sampler": "euler"}, "sampler"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
+    ({"eta": 1.5}, "eta"), ({"guidance": float("nan")}, "guidance"), ({"generators": generators(3)}, "generators"),
+    ({"shape": (4,)}, "shape"),
+])
+def test_bad_arguments_name_themselves(kwargs, name):
+    args = dict(shape=(4, 2), generators=generators(4))
+    args.update(kwargs)
+    shape = args.pop("shape")
+    with pytest.raises(ValueError, match=name):
+        sample(MixtureEps([1.0], [[0.0, 0.0]], [1.0]), DIFFUSION, shape, {}, {}, **args)
