@@ -21,7 +21,7 @@ def extension_modules():
     use_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
     if use_cuda:
         extension = cpp_extension.CUDAExtension(
             "models._C",
@@ -29,7 +29,7 @@ def extension_modules():
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DCEP_WITH_CUDA"],
-                "nvcc": ["-O3", "-g0", "--expt-relaxed-constexpr", "-std=c++17", "-DCEP_WITH_CUDA"],
+                "nvcc": ["-O3", "-g0", "--expt-relaxed-constexpr", "-std=c++20", "-DCEP_WITH_CUDA"],
             },
             extra_link_args=["-fopenmp"],
         )

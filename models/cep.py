@@ -172,13 +172,16 @@ def cross_attention_reference(q, context, w_k, w_v, key_mask=None, gamma=0.0, mo
 _warned_fallback = False
 
 
-def _use_extension():
+def _use_extension(device: torch.device) -> bool:
+    """True when models._C has a kernel for this device type; else warn once and use the twin."""
     global _warned_fallback
-    if not HAS_EXTENSION and not _warned_fallback:
+    has_kernel = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "cep::perturb", "CUDA" if device.type == "cuda" else device.type.upper())
+    if not has_kernel and not _warned_fallback:
         _warned_fallback = True
-        warnings.warn("models._C is not built; cep ops run the slower pure-PyTorch twins (run `make install`)",
-                      RuntimeWarning, stacklevel=3)
-    return HAS_EXTENSION
+        warnings.warn(f"models._C has no {device.type} kernels (not built, or built without them); cep ops run the "
+                      "slower pure-PyTorch twins (run `make install`)", RuntimeWarning, stacklevel=3)
+    return has_kernel
 
 
 def perturb(x, gamma: float, mode: str = "uniform", seed: int = 0, offset: int = 0, dim: int | None = None):
@@ -187,7 +190,7 @@ def perturb(x, gamma: float, mode: str = "uniform", seed: int = 0, offset: int =
     _check_float_tensor("x", x)
     dim = _resolve_dim(x, dim)
     _check_stream(gamma, mode, seed, offset, x.numel())
-    if _use_extension():
+    if _use_extension(x.device):
         return torch.ops.cep.perturb(x, float(gamma), mode, seed, offset, dim)
     return perturb_reference(x, gamma, mode, seed, offset, dim)
 
@@ -231,10 +234,51 @@ def cross_attention(q, context, w_k, w_v, key_mask=None, gamma: float = 0.0, mod
     _check_attention_args(q, context, w_k, w_v, key_mask)
     dim = _resolve_dim(context, dim)
     _check_stream(gamma, mode, seed, offset, context.numel())
-    if _use_extension():
+    if _use_extension(q.device):
         out, _ = torch.ops.cep.cross_attention(q, context, w_k, w_v, key_mask, float(gamma), mode, seed, offset, dim)
         return out
     return cross_attention_reference(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels and autograd of the C++ ops, so they trace under torch.compile and pass torch.library.opcheck.
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("cep::perturb")
+    def _perturb_fake(x, gamma, mode, seed, offset, dim):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("cep::cross_attention")
+    def _cross_attention_fake(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake("cep::cross_attention_backward")
+    def _cross_attention_backward_fake(grad_out, q, context, w_k, w_v, key_mask, out, lse, gamma, mode, seed,
+                                       offset, dim):
+        return q.new_empty(q.shape), context.new_empty(context.shape), w_k.new_empty(w_k.shape), \
+            w_v.new_empty(w_v.shape)
+
+    def _perturb_backward(ctx, grad):
+        return grad, None, None, None, None, None  # the noise is additive: d out / d x = I
+
+    def _cross_attention_setup(ctx, inputs, output):
+        q, context, w_k, w_v, key_mask, *ctx.stream = inputs
+        ctx.save_for_backward(q, context, w_k, w_v, key_mask, *output)
+
+    def _cross_attention_backward(ctx, grad_out, grad_lse):
+        # lse is an internal output (the public wrapper drops it), so its gradient is not propagated.
+        q, context, w_k, w_v, key_mask, out, lse = ctx.saved_tensors
+        grads = torch.ops.cep.cross_attention_backward(grad_out, q, context, w_k, w_v, key_mask, out, lse,
+                                                       *ctx.stream)
+        return *grads, None, None, None, None, None, None
+
+    torch.library.register_autograd("cep::perturb", _perturb_backward)
+    torch.library.register_autograd("cep::cross_attention", _cross_attention_backward,
+                                    setup_context=_cross_attention_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

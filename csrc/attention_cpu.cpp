@@ -1,0 +1,269 @@
+// cep::cross_attention on the CPU: perturb the context (Philox, csrc/philox.h), project K and V, then a flash-style
+// attention over (batch, head, query tile) work items with an online softmax across key tiles (Dao et al. 2022,
+// Alg. 1). Forward saves only the row log-sum-exp; backward regenerates the noise and K/V and recomputes the
+// probabilities tile by tile from it (Alg. 2). Tile products go through BLAS (at::mm_out / addmm_ on views of raw
+// buffers) and exponentials through ATen's vectorized exp_; the remaining row loops are simple enough for the
+// compiler's auto-vectorizer.
+//
+// Fully masked rows (every key of a batch element masked): output 0, lse = -inf, and zero gradients.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+
+#include "cep.h"
+
+namespace cep {
+namespace {
+
+constexpr int64_t kQueryTile = 256;
+constexpr int64_t kKeyTile = 128;
+
+template <typename T>
+constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
+
+// A row-major [rows, cols] view of raw memory with the given row stride (no copy).
+template <typename T>
+at::Tensor view(const T* data, int64_t rows, int64_t cols, int64_t row_stride) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {row_stride, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// Problem description shared by forward and backward; all tensors contiguous in the compute type T.
+template <typename T>
+struct Problem {
+  AttentionShape s;
+  T scale;           // 1 / sqrt(Dh)
+  const T* q;        // [B, H, N, Dh]
+  const T* k;        // [B, M, H*Dh]
+  const T* v;        // [B, M, H*Dh]
+  const bool* mask;  // [B, M] or nullptr
+
+  int64_t width() const { return s.heads * s.head_dim; }
+  const T* q_rows(int64_t b, int64_t h, int64_t n0) const { return q + ((b * s.heads + h) * s.queries + n0) * s.head_dim; }
+  int64_t kv_index(int64_t b, int64_t h, int64_t m0) const { return (b * s.tokens + m0) * width() + h * s.head_dim; }
+  bool masked(int64_t b, int64_t m) const { return mask != nullptr && !mask[b * s.tokens + m]; }
+};
+
+// scores = scale * Q_tile K_tile^T with masked keys set to -inf.  [nt, mt]
+template <typename T>
+void tile_scores(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t nt, int64_t m0, int64_t mt,
+                 at::Tensor& scores) {
+  const at::Tensor q_tile = view(p.q_rows(b, h, n0), nt, p.s.head_dim, p.s.head_dim);
+  const at::Tensor k_tile = view(p.k + p.kv_index(b, h, m0), mt, p.s.head_dim, p.width());
+  scores.addmm_(q_tile, k_tile.t(), /*beta=*/0, /*alpha=*/p.scale);
+  if (p.mask == nullptr) return;
+  T* sc = scores.data_ptr<T>();
+  for (int64_t j = 0; j < mt; ++j) {
+    if (!p.masked(b, m0 + j)) continue;
+    for (int64_t i = 0; i < nt; ++i) sc[i * mt + j] = kMinusInf<T>;
+  }
+}
+
+// Forward of one (batch, head, query tile) item: online softmax over key tiles, accumulating straight into `out`.
+template <typename T>
+void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t nt, T* out, T* lse, T* buffer) {
+  const int64_t dh = p.s.head_dim;
+  T* out_rows = out + ((b * p.s.heads + h) * p.s.queries + n0) * dh;
+  T* lse_rows = lse + (b * p.s.heads + h) * p.s.queries + n0;
+  at::Tensor acc = view(out_rows, nt, dh, dh);
+  acc.zero_();
+  T* row_max = buffer;              // running max m_i
+  T* row_sum = buffer + kQueryTile;  // running sum l_i
+  T* correction = buffer + 2 * kQueryTile;
+  T* scores_ptr = buffer + 3 * kQueryTile;
+  std::fill(row_max, row_max + nt, kMinusInf<T>);
+  std::fill(row_sum, row_sum + nt, T(0));
+  for (int64_t m0 = 0; m0 < p.s.tokens; m0 += kKeyTile) {
+    const int64_t mt = std::min(kKeyTile, p.s.tokens - m0);
+    at::Tensor scores = view(scores_ptr, nt, mt, mt);
+    tile_scores(p, b, h, n0, nt, m0, mt, scores);
+    for (int64_t i = 0; i < nt; ++i) {
+      T* row = scores_ptr + i * mt;
+      T tile_max = kMinusInf<T>;
+#pragma omp simd reduction(max : tile_max)
+      for (int64_t j = 0; j < mt; ++j) tile_max = std::max(tile_max, row[j]);
+      const T new_max = std::max(row_max[i], tile_max);
+      // exp(m_old - m_new) rescales what was accumulated so far; rows with no valid key yet stay at -inf / 0.
+      correction[i] = new_max == kMinusInf<T> ? T(1) : std::exp(row_max[i] - new_max);
+      const T shift = new_max == kMinusInf<T> ? T(0) : new_max;
+#pragma omp simd
+      for (int64_t j = 0; j < mt; ++j) row[j] -= shift;
+      row_max[i] = new_max;
+    }
+    scores.exp_();  // P~ = exp(S - m_new), masked entries exp(-inf) = 0
+    for (int64_t i = 0; i < nt; ++i) {
+      const T* row = scores_ptr + i * mt;
+      T tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+      for (int64_t j = 0; j < mt; ++j) tile_sum += row[j];
+      row_sum[i] = row_sum[i] * correction[i] + tile_sum;
+      if (correction[i] != T(1)) {
+        T* acc_row = out_rows + i * dh;
+        for (int64_t d = 0; d < dh; ++d) acc_row[d] *= correction[i];
+      }
+    }
+    acc.addmm_(scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()));
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    T* acc_row = out_rows + i * dh;
+    const T inv = row_sum[i] > 0 ? T(1) / row_sum[i] : T(0);  // fully masked row -> 0
+    for (int64_t d = 0; d < dh; ++d) acc_row[d] *= inv;
+    lse_rows[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : kMinusInf<T>;
+  }
+}
+
+// Backward of one (batch, head): all query tiles in order, so dK/dV of this head are touched by one thread only.
+template <typename T>
+void backward_item(const Problem<T>& p, int64_t b, int64_t h, const T* grad_out, const T* out, const T* lse,
+                   T* grad_q, T* grad_k, T* grad_v, T* buffer) {
+  const int64_t dh = p.s.head_dim, width = p.width();
+  T* delta = buffer;  // D_i = rowsum(dO_i * O_i)
+  T* probs_ptr = buffer + kQueryTile;
+  T* dprobs_ptr = probs_ptr + kQueryTile * kKeyTile;
+  for (int64_t n0 = 0; n0 < p.s.queries; n0 += kQueryTile) {
+    const int64_t nt = std::min(kQueryTile, p.s.queries - n0);
+    const int64_t row0 = (b * p.s.heads + h) * p.s.queries + n0;
+    const T* go_rows = grad_out + row0 * dh;
+    const T* lse_rows = lse + row0;
+    for (int64_t i = 0; i < nt; ++i) {
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < dh; ++d) sum += go_rows[i * dh + d] * out[(row0 + i) * dh + d];
+      delta[i] = sum;
+    }
+    const at::Tensor go_tile = view(go_rows, nt, dh, dh);
+    const at::Tensor q_tile = view(p.q_rows(b, h, n0), nt, dh, dh);
+    at::Tensor dq_tile = view(grad_q + row0 * dh, nt, dh, dh);
+    for (int64_t m0 = 0; m0 < p.s.tokens; m0 += kKeyTile) {
+      const int64_t mt = std::min(kKeyTile, p.s.tokens - m0);
+      at::Tensor probs = view(probs_ptr, nt, mt, mt);
+      at::Tensor dprobs = view(dprobs_ptr, nt, mt, mt);
+      tile_scores(p, b, h, n0, nt, m0, mt, probs);
+      for (int64_t i = 0; i < nt; ++i) {
+        T* row = probs_ptr + i * mt;
+        const T shift = lse_rows[i];
+        if (shift == kMinusInf<T>) {  // fully masked row: P = 0, so every gradient of it is 0
+          std::fill(row, row + mt, kMinusInf<T>);
+          continue;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < mt; ++j) row[j] -= shift;
+      }
+      probs.exp_();  // P = exp(S - lse)
+      const at::Tensor k_tile = view(p.k + p.kv_index(b, h, m0), mt, dh, width);
+      const at::Tensor v_tile = view(p.v + p.kv_index(b, h, m0), mt, dh, width);
+      view(grad_v + p.kv_index(b, h, m0), mt, dh, width).addmm_(probs.t(), go_tile);  // dV += P^T dO
+      at::mm_out(dprobs, go_tile, v_tile.t());                                        // dP = dO V^T
+      for (int64_t i = 0; i < nt; ++i) {  // dS = P * (dP - D)
+        const T* prow = probs_ptr + i * mt;
+        T* drow = dprobs_ptr + i * mt;
+#pragma omp simd
+        for (int64_t j = 0; j < mt; ++j) drow[j] = prow[j] * (drow[j] - delta[i]);
+      }
+      dq_tile.addmm_(dprobs, k_tile, /*beta=*/m0 == 0 ? 0 : 1, /*alpha=*/p.scale);                 // dQ = s dS K
+      view(grad_k + p.kv_index(b, h, m0), mt, dh, width).addmm_(dprobs.t(), q_tile, 1, p.scale);  // dK += s dS^T Q
+    }
+  }
+}
+
+struct Prepared {
+  at::Tensor q, context, w_k, w_v, noisy, k, v, mask;
+};
+
+// Upcasts to the compute type, perturbs the context and projects K, V: [B, M, H*Dh] each.
+Prepared prepare(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k, const at::Tensor& w_v,
+                 const std::optional<at::Tensor>& key_mask, double gamma, c10::string_view mode, int64_t seed,
+                 int64_t offset, int64_t dim) {
+  const auto ct = compute_type(q.scalar_type());
+  Prepared r;
+  r.q = q.to(ct).contiguous();
+  r.context = context.to(ct).contiguous();
+  r.w_k = w_k.to(ct);
+  r.w_v = w_v.to(ct);
+  r.noisy = gamma > 0 ? perturb_cpu(r.context, gamma, mode, seed, offset, dim) : r.context;
+  r.k = at::matmul(r.noisy, r.w_k.t()).contiguous();
+  r.v = at::matmul(r.noisy, r.w_v.t()).contiguous();
+  if (key_mask.has_value()) r.mask = key_mask->contiguous();
+  return r;
+}
+
+template <typename T>
+Problem<T> problem(const AttentionShape& s, const Prepared& r) {
+  return {s, static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.head_dim))), r.q.const_data_ptr<T>(),
+          r.k.const_data_ptr<T>(), r.v.const_data_ptr<T>(),
+          r.mask.defined() ? r.mask.const_data_ptr<bool>() : nullptr};
+}
+
+void check_cpu(const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
+}
+
+}  // namespace
+
+TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
+                               const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
+                               c10::string_view mode, int64_t seed, int64_t offset, int64_t dim) {
+  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
+  check_cpu(q);
+  check_stream(gamma, mode, seed, offset, dim, context.numel());
+  const Prepared r = prepare(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const auto ct = r.q.scalar_type();
+  at::Tensor out = at::empty({s.batch, s.heads, s.queries, s.head_dim}, r.q.options());
+  at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, r.q.options());
+  const int64_t tiles = (s.queries + kQueryTile - 1) / kQueryTile;
+  AT_DISPATCH_FLOATING_TYPES(ct, "cep_cross_attention_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(s, r);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+    at::parallel_for(0, s.batch * s.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buffer(3 * kQueryTile + kQueryTile * kKeyTile);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / tiles, n0 = (item % tiles) * kQueryTile;
+        forward_item(p, bh / s.heads, bh % s.heads, n0, std::min(kQueryTile, s.queries - n0), out_ptr, lse_ptr,
+                     buffer.data());
+      }
+    });
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context,
+                                        const at::Tensor& w_k, const at::Tensor& w_v,
+                                        const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
+                                        const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
+                                        int64_t offset, int64_t dim) {
+  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
+  check_backward(s, q, grad_out, out, lse);
+  check_cpu(q);
+  check_stream(gamma, mode, seed, offset, dim, context.numel());
+  const Prepared r = prepare(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const auto ct = r.q.scalar_type();
+  const at::Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.to(ct).contiguous();
+  at::Tensor grad_q = at::empty_like(r.q);
+  at::Tensor grad_k = at::zeros_like(r.k), grad_v = at::zeros_like(r.v);
+  AT_DISPATCH_FLOATING_TYPES(ct, "cep_cross_attention_backward_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(s, r);
+    at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> buffer(kQueryTile + 2 * kQueryTile * kKeyTile);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        backward_item(p, bh / s.heads, bh % s.heads, go.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+                      l.const_data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
+                      grad_v.data_ptr<scalar_t>(), buffer.data());
+      }
+    });
+  });
+  // K = c' W_k^T  =>  dW_k = dK^T c', dc' = dK W_k (+ the same for V); dc/dc' = I since the noise is additive.
+  const at::Tensor dk2 = grad_k.view({-1, s.heads * s.head_dim}), dv2 = grad_v.view({-1, s.heads * s.head_dim});
+  const at::Tensor noisy2 = r.noisy.view({-1, s.channels});
+  at::Tensor grad_context = at::mm(dk2, r.w_k).addmm_(dv2, r.w_v).view({s.batch, s.tokens, s.channels});
+  at::Tensor grad_w_k = at::mm(dk2.t(), noisy2), grad_w_v = at::mm(dv2.t(), noisy2);
+  return {grad_q.to(q.scalar_type()), grad_context.to(context.scalar_type()), grad_w_k.to(w_k.scalar_type()),
+          grad_w_v.to(w_v.scalar_type())};
+}
+
+}  // namespace cep
