@@ -6,6 +6,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.cep import CEP, cross_attention, perturb
@@ -91,6 +92,11 @@ def fourier_features(values: torch.Tensor, num_frequencies: int, max_period: flo
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
     args = values.float()[..., None] * freqs                          # [..., K, half]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).flatten(-2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """ADM/DiT/LDM sinusoidal timestep embedding (cos half first), [B] -> [B, dim]."""
+    return F.pad(fourier_features(t[:, None], dim), (0, dim % 2))
 
 
 def control_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.Tensor:

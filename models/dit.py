@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from models.cep import CEP
-from models.conditioning import ClassEmbedder, Condition, ControlEmbedder, apply_cep
+from models.conditioning import ClassEmbedder, Condition, ControlEmbedder, apply_cep, timestep_embedding
 
 COND_MODES = ("adaln", "cross-attention")
 
@@ -21,15 +21,6 @@ def modulate(x, shift, scale):
 #################################################################################
 #               Embedding Layers for Timesteps and Patches                      #
 #################################################################################
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim] (ADM/DiT convention: cos first)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(embedding, (0, dim % 2))
-
 
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps into vector representations."""
