@@ -232,3 +232,14 @@ class DataOrder:
 def hash_seed(*parts: int) -> int:
     """A 63-bit seed from a tuple of ints (seed, rank, step, ...), stable across runs and Python versions."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class PixelSource:
+    """Training inputs in pixel space: uint8 images augmented per batch -> (x [-1, 1], control)."""
+
+    def __init__(self, dataset: ImageDataset, image_size: int, hflip: bool, random_crop: bool):
+        self.dataset, self.image_size, self.hflip, self.random_crop = dataset, image_size, hflip, random_crop
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return augment(self.dataset.images[indices], self.dataset.original_sizes[indices], self.image_size,
+                       self.hflip, self.random_crop, generator)

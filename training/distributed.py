@@ -52,3 +52,15 @@ def broadcast_object(obj):
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def check_consistency(module: torch.nn.Module) -> None:
+    """Raises if any parameter or buffer differs from rank 0's (DDP must keep replicas bit-identical)."""
+    if not dist.is_initialized():
+        return
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        if not torch.equal(reference, tensor.detach()):
+            raise RuntimeError(f"rank {get_rank()} is out of sync with rank 0 at {name}")

@@ -1,0 +1,93 @@
+"""Everything a run needs before its first step: the data set (with its fixed condition corruption, saved in the run
+dir), the input source (pixels, or latents encoded once), and a run config completed with the data's shape."""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.corruption import (CORRUPTION_KINDS, asymmetric_flip, check_ratio, class_prior, save_corruption,
+                                 swap_captions, symmetric_flip)
+from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, template_captions
+
+CONDITIONS = ("class", "text", "none")
+
+
+@dataclass
+class TrainingData:
+    source: object                      # PixelSource | latents.LatentSource: .batch(indices, generator)
+    labels: torch.Tensor | None         # training labels after the fixed corruption, int64 [N]
+    captions: list[str] | None          # training captions after the fixed corruption (text runs)
+    prior: torch.Tensor | None          # class prior, for the on-the-fly random-flip baseline
+    num_items: int
+
+
+def load_training_data(config: dict) -> ImageDataset:
+    data = config["data"]
+    margin = data["crop_margin"] if data["random_crop"] else 0
+    return load_dataset(data["dataset"], data["path"], data["split"], data["image_size"], data["channels"],
+                        data["resize"], margin)
+
+
+def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int, int, int] | None) -> dict:
+    """Fills the fields the data determines (class names, model input shape, number of classes)."""
+    data, model = config["data"], config["model"]
+    if data["condition"] not in CONDITIONS:
+        raise ValueError(f"data.condition must be one of {CONDITIONS}, got {data['condition']!r}")
+    data["num_classes"], data["class_names"] = dataset.num_classes, list(dataset.class_names)
+    channels, size = (latent_shape[0], latent_shape[1]) if latent_shape else (data["channels"], data["image_size"])
+    model["in_channels"], model["input_size"] = channels, size
+    model["num_classes"] = dataset.num_classes if data["condition"] == "class" else 0
+    if data["condition"] == "text":
+        model.setdefault("cond_mode", "cross-attention")
+    return config
+
+
+def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None, rank: int) -> TrainingData:
+    """Applies the fixed corruption (seeded by the run seed; identical on every rank); rank 0 saves what changed."""
+    corruption, condition = config["corruption"], config["data"]["condition"]
+    kind, eta = corruption["kind"], check_ratio(corruption["ratio"])
+    if kind not in CORRUPTION_KINDS:
+        raise ValueError(f"--corruption must be one of {CORRUPTION_KINDS}, got {kind!r}")
+    seed = hash_seed(config["seed"], 0xC0)
+    labels, captions, prior = dataset.labels, None, None
+    if condition == "text":
+        captions = dataset.captions
+        if captions is None:  # class data set in a text run: template captions, fixed per image
+            captions = template_captions(dataset.labels, dataset.class_names, torch.Generator().manual_seed(seed))
+    if kind in ("symmetric", "asymmetric", "random") and condition != "class":
+        raise ValueError(f"--corruption {kind} flips class labels; it needs data.condition 'class'")
+    if kind == "caption-swap" and condition != "text":
+        raise ValueError("--corruption caption-swap needs data.condition 'text'")
+    if condition == "class":
+        prior = class_prior(labels, dataset.num_classes)
+    clean_labels, clean_captions, indices = labels, captions, torch.zeros(0, dtype=torch.int64)
+    if kind == "symmetric":
+        labels, indices = symmetric_flip(labels, dataset.num_classes, eta, seed, prior)
+    elif kind == "asymmetric":
+        if not corruption.get("classes"):
+            raise ValueError("--corruption asymmetric needs --corruption-classes (the class subset)")
+        labels, indices = asymmetric_flip(labels, dataset.num_classes, eta, seed, corruption["classes"], prior)
+    elif kind == "caption-swap":
+        captions, indices = swap_captions(captions, eta, seed)
+    if rank == 0 and run_dir is not None:
+        save_corruption(run_dir / "corruption.npz", kind, eta, clean_labels, labels, indices,
+                        clean_captions, captions if clean_captions is not None else None)
+    return TrainingData(None, labels if condition == "class" else None, captions, prior, len(dataset))
+
+
+def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict, TrainingData]:
+    """(completed config, training data) for a run."""
+    dataset = load_training_data(config)
+    data = config["data"]
+    latent_shape, source = None, None
+    if config.get("latent"):
+        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
+
+        source = LatentSource.build(dataset, config, run_dir, rank, device)
+        latent_shape = source.shape
+    else:
+        source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
+    config = complete_config(config, dataset, latent_shape)
+    training_data = corrupt_conditions(config, dataset, run_dir, rank)
+    training_data.source = source
+    return config, training_data

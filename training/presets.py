@@ -1,0 +1,98 @@
+"""Run presets (configs/<name>.json) merged with command-line overrides into one plain-dict run config, the single
+source of truth stored in config.json and in every checkpoint.
+
+Config sections: "model" (the models.build_model config), "diffusion", "data", "latent", "corruption",
+"training", "logging", plus "seed" and "init_from" (resolution transfer)."""
+import copy
+import json
+from pathlib import Path
+
+from models.diffusion import GaussianDiffusion, make_betas
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+DEFAULTS = {
+    "seed": 0,
+    "init_from": None,
+    "model": {},
+    "diffusion": {"schedule": "linear", "num_steps": 1000, "resolution_shift": 1.0},
+    "data": {"dataset": "digits", "path": None, "split": "train", "image_size": 8, "channels": 1,
+             "resize": "resize", "hflip": False, "random_crop": False, "crop_margin": 0,
+             "condition": "class", "control": False},
+    "latent": None,
+    "corruption": {"kind": "none", "ratio": 0.0, "classes": None},
+    "training": {"batch_size": 64, "grad_accum": 1, "total_images": 64_000, "lr": 1e-4, "warmup_images": 0,
+                 "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "ema_decay": 0.9999,
+                 "ema_warmup": True, "precision": "fp32", "compile": False, "input_perturbation": 0.0,
+                 "cond_dropout": 0.0, "label_smoothing": 0.0, "max_nonfinite": 10},
+    "logging": {"log_every_images": 6_400, "checkpoint_every_images": 32_000, "sample_every_images": 0,
+                "keep_checkpoints": 3, "num_samples": 16, "sample_steps": 25, "sample_guidance": 1.0},
+}
+
+# Changing these between a run and its resume would silently mix two experiments; logging and length may change.
+RESUME_MUTABLE = ("logging", "training.total_images")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> dict:
+    """DEFAULTS deep-merged with configs/<name>.json (or a path to a JSON file)."""
+    path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"--preset {name!r} not found; known presets: {', '.join(preset_names())}")
+    try:
+        preset = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--preset {path}: invalid JSON ({error})") from error
+    preset.pop("description", None)
+    return merge(DEFAULTS, preset)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; `update` wins. Unknown top-level sections are rejected to catch typos."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in out and base is DEFAULTS:
+            raise ValueError(f"unknown config section {key!r}; expected one of {sorted(DEFAULTS)}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_path(config: dict, dotted: str, value) -> None:
+    """config["a"]["b"] = value for dotted = "a.b" (a null section such as "latent" becomes a dict)."""
+    *sections, key = dotted.split(".")
+    target = config
+    for part in sections:
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    target[key] = value
+
+
+def resume_differences(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two run configs, ignoring RESUME_MUTABLE."""
+    differences = []
+
+    def walk(a, b, prefix):
+        if prefix in RESUME_MUTABLE:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            differences.append(prefix)
+
+    walk(old, new, "")
+    return differences
+
+
+def build_diffusion(diffusion_config: dict) -> GaussianDiffusion:
+    """The run's GaussianDiffusion: schedule, steps and paper 2's resolution shift (1.0 = none)."""
+    diffusion = GaussianDiffusion(make_betas(diffusion_config["schedule"], int(diffusion_config["num_steps"])))
+    shift = float(diffusion_config.get("resolution_shift", 1.0))
+    return diffusion if shift == 1.0 else diffusion.shift_schedule(shift)

@@ -1,0 +1,344 @@
+"""Pre-training of DiT / LDM denoisers with condition corruption and CEP (paper 1) and paper 2's conditioning.
+
+    # CPU, 2 processes (gloo); re-running the same command resumes from the latest checkpoint:
+    torchrun --standalone --nproc_per_node=2 -m training.train --preset dit-tiny-digits \
+        --corruption symmetric --corruption-ratio 0.05 --cep uniform --cep-gamma 1.0 --run-dir runs/x
+    # single process, no torchrun:
+    python -m training.train --preset dit-tiny-digits --run-dir runs/x
+    # 8 GPUs (nccl), paper size:
+    torchrun --standalone --nproc_per_node=8 -m training.train --preset dit-xl2-in1k --data-path /data/in1k \
+        --precision bf16 --run-dir runs/dit-xl2
+
+Progress is counted in images (edm2). Every random draw of a step (data order, t, noise, label dropout, CEP seeds,
+augmentation) derives from (seed, rank, images seen, accumulation round), so a resumed run is bit-identical.
+"""
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models import build_model
+from models.diffusion import sample
+from training import distributed
+from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                 write_json)
+from training.corruption import random_flip
+from training.data import DataOrder, hash_seed
+from training.ema import EMA
+from training.prepare import prepare
+from training.presets import build_diffusion, load_preset, resume_differences, set_path
+from training.regularizers import attach_embedding_regularizers
+from training.stats import RunLogger, save_image_grid
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (flag, dotted config key, type, help): each flag overrides one preset value.
+FLAGS = (
+    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz or image folder"),
+    ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
+    ("--image-size", "data.image_size", int, "model resolution in pixels"),
+    ("--hflip", "data.hflip", bool, "random horizontal flips (emitted as control metadata)"),
+    ("--random-crop", "data.random_crop", bool, "random crops (emitted as control metadata)"),
+    ("--corruption", "corruption.kind", str, "none | symmetric | asymmetric | random | caption-swap"),
+    ("--corruption-ratio", "corruption.ratio", float, "eta in [0, 1)"),
+    ("--corruption-classes", "corruption.classes", "ints", "class subset for asymmetric flips, e.g. 1,3,5"),
+    ("--cep", "model.cep_mode", str, "CEP noise: none | uniform | gaussian"),
+    ("--cep-gamma", "model.cep_gamma", float, "CEP scale gamma (paper: 1.0)"),
+    ("--class-dropout", "model.class_dropout_prob", float, "CFG label dropout probability"),
+    ("--input-perturbation", "training.input_perturbation", float, "IP baseline gamma_IP (0 = off)"),
+    ("--cond-dropout", "training.cond_dropout", float, "dropout on the class embedding (baseline)"),
+    ("--label-smoothing", "training.label_smoothing", float, "label smoothing of the class embedding (baseline)"),
+    ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),
+    ("--grad-accum", "training.grad_accum", int, "gradient accumulation rounds per step"),
+    ("--total-images", "training.total_images", int, "training length in images"),
+    ("--lr", "training.lr", float, "AdamW learning rate (constant after warm-up)"),
+    ("--warmup-images", "training.warmup_images", int, "linear lr warm-up length in images"),
+    ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
+    ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),
+    ("--ema-decay", "training.ema_decay", float, "EMA decay per step"),
+    ("--precision", "training.precision", str, "fp32 | bf16 | fp16 autocast"),
+    ("--compile", "training.compile", bool, "torch.compile the model"),
+    ("--max-nonfinite", "training.max_nonfinite", int, "abort after this many non-finite losses in a row"),
+    ("--seed", "seed", int, "run seed"),
+    ("--log-every-images", "logging.log_every_images", int, "status line + stats.jsonl interval"),
+    ("--checkpoint-every-images", "logging.checkpoint_every_images", int, "checkpoint interval"),
+    ("--sample-every-images", "logging.sample_every_images", int, "EMA sample grid interval (0 = only at the end)"),
+    ("--keep-checkpoints", "logging.keep_checkpoints", int, "keep the newest K checkpoints"),
+    ("--autoencoder", "latent.autoencoder", str, "trained autoencoder run dir: train on its latents (LDM path)"),
+    ("--init-from", "init_from", str, "run dir or checkpoint to start from (resolution transfer)"),
+    ("--resolution-shift", "diffusion.resolution_shift", float, "noise-schedule shift ratio (paper 2)"),
+)
+
+
+def parse_args(argv=None) -> tuple[dict, Path, bool]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, help="configs/<name>.json or a JSON path")
+    parser.add_argument("--run-dir", required=True, help="output folder; re-running with it resumes")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override any config value, e.g. --set model.depth=2")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    for flag, _, kind, help_text in FLAGS:
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=str if kind == "ints" else kind, default=None, help=help_text)
+    args = parser.parse_args(argv)
+    config = load_preset(args.preset)
+    config["preset"] = args.preset
+    for flag, key, kind, _ in FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            if kind == "ints":
+                try:
+                    value = [int(v) for v in value.split(",")]
+                except ValueError:
+                    parser.error(f"{flag} must be comma-separated integers, got {value!r}")
+            set_path(config, key, value)
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        try:
+            set_path(config, key, json.loads(text)) if sep else parser.error(f"--set needs KEY=JSON, got {item!r}")
+        except json.JSONDecodeError:
+            set_path(config, key, text)  # bare strings need no quotes
+    return config, Path(args.run_dir), not args.no_progress
+
+
+def check_config(config: dict, world_size: int) -> None:
+    """Clear errors, naming the flag, before any work is done."""
+    training, logging = config["training"], config["logging"]
+    for flag, value in (("--batch-size", training["batch_size"]), ("--grad-accum", training["grad_accum"]),
+                        ("--total-images", training["total_images"]), ("--max-nonfinite", training["max_nonfinite"]),
+                        ("--log-every-images", logging["log_every_images"]),
+                        ("--checkpoint-every-images", logging["checkpoint_every_images"])):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if training["batch_size"] % (world_size * training["grad_accum"]):
+        raise ValueError(f"--batch-size {training['batch_size']} must be divisible by processes ({world_size}) x "
+                         f"--grad-accum ({training['grad_accum']})")
+    if training["precision"] not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {sorted(PRECISIONS)}, got {training['precision']!r}")
+    for flag, value in (("--lr", training["lr"]), ("--weight-decay", training["weight_decay"]),
+                        ("--grad-clip", training["grad_clip"]), ("--warmup-images", training["warmup_images"]),
+                        ("--input-perturbation", training["input_perturbation"])):
+        if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+    if training["lr"] <= 0:
+        raise ValueError(f"--lr must be > 0, got {training['lr']!r}")
+
+
+def learning_rate(training: dict, images_seen: int) -> float:
+    """Constant lr after an optional linear warm-up counted in images."""
+    if training["warmup_images"] > 0:
+        return training["lr"] * min(1.0, (images_seen + training["batch_size"]) / training["warmup_images"])
+    return training["lr"]
+
+
+def model_inputs(data, config, indices, generator, device) -> tuple[torch.Tensor, dict]:
+    """x0 and the model kwargs (y | context, control) for one micro-batch."""
+    x0, control = data.source.batch(indices, generator)
+    kwargs = {}
+    if data.labels is not None:
+        labels = data.labels[indices]
+        if config["corruption"]["kind"] == "random":  # on-the-fly baseline (Table 7), fresh every step
+            labels = random_flip(labels, config["corruption"]["ratio"], data.prior, generator)
+        kwargs["y"] = labels.to(device)
+    elif data.captions is not None:
+        kwargs["captions"] = [data.captions[i] for i in indices.tolist()]
+    if config["model"].get("control_dim", 0):
+        kwargs["control"] = control.to(device)
+    return x0.to(device), kwargs
+
+
+def init_from(model: torch.nn.Module, source: str, logger: RunLogger) -> None:
+    """Resolution transfer (paper 2 §2.2): the DiT positional embedding is recomputed from the config (interpolated
+    when model.pos_embed_base_size is set), so a lower-resolution checkpoint loads as is."""
+    path = Path(source)
+    if path.is_dir():
+        path = latest_checkpoint(path) or path / "missing-checkpoint"
+    state = load_checkpoint(path)
+    missing, unexpected = model.load_state_dict(state["ema"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"--init-from {source}: weights do not fit the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    logger.log(f"initialised from the EMA weights of {path}")
+
+
+@torch.no_grad()
+def save_samples(ema_model, diffusion, config, data, path, device) -> None:
+    """A grid of EMA samples, one generator per image (seeded by image index), classes cycling."""
+    logging, model = config["logging"], config["model"]
+    count = logging["num_samples"]
+    shape = (count, model["in_channels"], model["input_size"], model["input_size"])
+    kwargs, null_kwargs = {}, {}
+    if data.labels is not None:
+        kwargs["y"] = torch.arange(count, device=device) % model["num_classes"]
+        null_kwargs["y"] = torch.full((count,), model["num_classes"], device=device)
+    generators = [torch.Generator(device).manual_seed(hash_seed(config["seed"], i)) for i in range(count)]
+    images = sample(ema_model, diffusion, shape, kwargs, null_kwargs, "ddim", logging["sample_steps"],
+                    logging["sample_guidance"], generators, device=device)
+    if hasattr(data.source, "decode"):
+        images = data.source.decode(images)
+    save_image_grid(images.float(), path)
+
+
+def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
+    """Runs (or resumes) one training job; returns the final stats record."""
+    device = distributed.init()
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    check_config(config, world_size)
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    logger = RunLogger(run_dir, rank)
+    config, data = prepare(config, run_dir, rank, device)
+    training, logging = config["training"], config["logging"]
+    config_file = run_dir / "config.json"
+    if config_file.exists():
+        differences = resume_differences(json.loads(config_file.read_text()), config)
+        if differences:
+            raise ValueError(f"--run-dir {run_dir} holds a run with a different config ({', '.join(differences)}); "
+                             f"use a new --run-dir or the original flags")
+    distributed.barrier()
+    if rank == 0:
+        write_json(config_file, config)
+
+    torch.manual_seed(hash_seed(config["seed"], 0xA11))  # weights: identical init on every rank
+    net = build_model(config["model"]).to(device)
+    attach_embedding_regularizers(net, training["cond_dropout"], training["label_smoothing"])
+    ema = EMA(net, training["ema_decay"], training["ema_warmup"])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=training["lr"], betas=tuple(training["adam_betas"]),
+                                  weight_decay=training["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=training["precision"] == "fp16")
+    diffusion = build_diffusion(config["diffusion"])
+    images_seen, nonfinite_total, nonfinite_streak = 0, 0, 0
+
+    latest = distributed.broadcast_object(str(latest_checkpoint(run_dir) or "") if rank == 0 else None)
+    if latest:
+        state = load_checkpoint(latest, map_location=device)
+        net.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        ema.num_updates.fill_(state["ema_num_updates"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        images_seen, nonfinite_total = state["images_seen"], state["nonfinite_total"]
+        nonfinite_streak = state["nonfinite_streak"]
+        logger.log(f"resumed from {latest} at {images_seen} images")
+    elif config.get("init_from"):
+        init_from(net, config["init_from"], logger)
+        ema.model.load_state_dict(net.state_dict())
+    model = net
+    if world_size > 1:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if training["compile"]:
+        model = torch.compile(model)
+    logger.log(f"{world_size} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, "
+               f"{data.num_items} training items, run dir {run_dir}")
+
+    order = DataOrder(data.num_items, hash_seed(config["seed"], 0xDA7A))
+    micro_batch = training["batch_size"] // (world_size * training["grad_accum"])
+    autocast_dtype = PRECISIONS[training["precision"]]
+    bar = tqdm(total=training["total_images"], initial=images_seen, unit="img", disable=rank != 0 or not progress)
+    tick = {"images": images_seen, "seconds": 0.0, "loss": 0.0, "steps": 0}
+    record, grad_norm = {}, None
+
+    def save(final: bool = False) -> None:
+        distributed.check_consistency(net)
+        if rank == 0:
+            state = {"config": config, "images_seen": images_seen, "model": net.state_dict(),
+                     "ema": ema.model.state_dict(), "ema_num_updates": int(ema.num_updates),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "nonfinite_total": nonfinite_total, "nonfinite_streak": nonfinite_streak,
+                     # Data order and every random draw derive from (seed, rank, images_seen): nothing else to store.
+                     "rng": {"seed": config["seed"], "scheme": "hash(seed, rank, images_seen, round)"}}
+            path = save_checkpoint(run_dir, images_seen, state, logging["keep_checkpoints"])
+            export_ema(run_dir, ema.model.state_dict(), config)
+            logger.log(f"saved {path.name}{' (final)' if final else ''}")
+        distributed.barrier()
+
+    while images_seen < training["total_images"]:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(training, images_seen)
+        loss_sum = torch.zeros((), device=device)
+        for accum_round in range(training["grad_accum"]):
+            start = images_seen + (accum_round * world_size + rank) * micro_batch
+            step_seed = hash_seed(config["seed"], rank, images_seen, accum_round)
+            torch.manual_seed(step_seed)  # label dropout, CEP seeds and baselines draw from the global RNG
+            generator = torch.Generator(device).manual_seed(hash_seed(step_seed, 1))
+            x0, kwargs = model_inputs(data, config, order.indices(start, micro_batch), generator, device)
+            last_round = accum_round == training["grad_accum"] - 1
+            sync = contextlib.nullcontext() if last_round or world_size == 1 else net_no_sync(model)
+            with sync, torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                      enabled=autocast_dtype is not None):
+                loss = diffusion.training_losses(model, x0, kwargs, input_perturbation=training["input_perturbation"],
+                                                 generator=generator).mean()
+                scaler.scale(loss / training["grad_accum"]).backward()
+            loss_sum += loss.detach().float()
+        finite = distributed.all_reduce_mean(torch.isfinite(loss_sum).float()) == 1  # all ranks agree
+        images_seen += training["batch_size"]
+        if finite:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"] or math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            ema.update(net)
+            nonfinite_streak = 0
+            tick["loss"] += float(distributed.all_reduce_mean(loss_sum / training["grad_accum"]))
+            tick["steps"] += 1
+        else:
+            nonfinite_total, nonfinite_streak = nonfinite_total + 1, nonfinite_streak + 1
+            logger.log(f"non-finite loss at {images_seen} images: step skipped ({nonfinite_streak} in a row)")
+            if nonfinite_streak >= training["max_nonfinite"]:
+                raise RuntimeError(f"aborting: {nonfinite_streak} consecutive steps had a non-finite loss (up to "
+                                   f"{images_seen} images); lower --lr, use --precision fp32 or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        tick["seconds"] += time.perf_counter() - started
+        bar.update(training["batch_size"])
+        done = images_seen >= training["total_images"]
+        if done or crossed(images_seen, training["batch_size"], logging["log_every_images"]):
+            seen = images_seen - tick["images"]
+            record = {"images_seen": images_seen, "kimg": images_seen / 1000, "loss": tick["loss"] / max(tick["steps"], 1),
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_second": seen / max(tick["seconds"], 1e-9),
+                      "nonfinite_total": nonfinite_total, "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "world_size": world_size, "time": time.time()}
+            logger.stats(record)
+            logger.log(f"kimg {record['kimg']:.1f} loss {record['loss']:.4f} img/s {record['images_per_second']:.1f}")
+            tick = {"images": images_seen, "seconds": 0.0, "loss": 0.0, "steps": 0}
+        if done or crossed(images_seen, training["batch_size"], logging["checkpoint_every_images"]):
+            save(final=done)
+        sample_every = logging["sample_every_images"]
+        if rank == 0 and (done or (sample_every and crossed(images_seen, training["batch_size"], sample_every))):
+            save_samples(ema.model, diffusion, config, data, run_dir / "samples" / f"samples-{images_seen:09d}.png",
+                         device)
+    bar.close()
+    distributed.barrier()
+    return record
+
+
+def crossed(images_seen: int, batch: int, interval: int) -> bool:
+    """True when the last step crossed a multiple of `interval` images."""
+    return images_seen // interval > (images_seen - batch) // interval
+
+
+def net_no_sync(model):
+    """DDP's no_sync (skip the gradient all-reduce on non-final accumulation rounds), through torch.compile."""
+    return getattr(model, "_orig_mod", model).no_sync()
+
+
+def main(argv=None) -> None:
+    config, run_dir, progress = parse_args(argv)
+    try:
+        train(config, run_dir, progress)
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
