@@ -117,7 +117,8 @@ class VectorQuantizer(nn.Module):
         z_q = rearrange(self.embedding(indices), "b h w d -> b d h w")
         loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
         if self.training:
-            self.usage_counts += torch.bincount(indices.flatten(), minlength=self.usage_counts.numel())
+            flat = indices.flatten()
+            self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
         return z + (z_q - z).detach(), loss, indices                      # straight-through gradient
 
     def usage(self) -> float:
