@@ -1,0 +1,45 @@
+"""2-process `torchrun --standalone --nproc_per_node=2` on CPU (gloo): ranks stay in sync (checked bit-exactly at
+every checkpoint) and a job whose workers are SIGKILLed after a checkpoint resumes to the uninterrupted weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_train import ENV, REPO, TINY, assert_same_weights, weights
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+FLAGS = [*TINY, "--total-images", "320", "--checkpoint-every-images", "64", "--grad-accum", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "training.train", *FLAGS]
+
+
+def torchrun(run_dir, **kwargs):
+    return subprocess.Popen([*TORCHRUN, "--run-dir", str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(job):
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr[-3000:]
+
+
+def test_two_processes_stay_in_sync_and_resume_after_sigkill(tmp_path):
+    # The reference job and the job to kill start together: both spend most of their time starting up.
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    reference = torchrun(uninterrupted)
+    victim = torchrun(killed, start_new_session=True)
+    deadline = time.time() + 300
+    while not list_checkpoints(killed) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both workers
+    victim.wait()
+    assert load_checkpoint(latest_checkpoint(killed))["images_seen"] < 320
+    finish(torchrun(killed))  # the same command again resumes
+    finish(reference)
+    assert "resumed from" in (killed / "log.txt").read_text()
+    stats = [json.loads(line) for line in (uninterrupted / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["world_size"] == 2 and stats[-1]["images_seen"] == 320
+    assert "2 process(es)" in (uninterrupted / "log.txt").read_text()
+    assert_same_weights(weights(uninterrupted), weights(killed))
