@@ -7,7 +7,8 @@ import numpy as np
 from .closed_forms import (VERSIONS, Gaussian, class_means, expected_mean_gain, generated_distribution,
                            learned_target, theorem2_lower_bound)
 from .exact_optimum import check_exact_optimum
-from .gaussians import empirical_stats, entropy, w2_squared_to_isotropic
+from .gaussians import (empirical_stats, entropy, entropy_from_eigenvalues, w2_squared_to_isotropic,
+                        w2_squared_to_isotropic_from_eigenvalues)
 from .label_flip import (flipped_training_sets, labelled_mixture_weights, mixture_entropy, sample_mixture,
                          sample_w2_squared)
 from .simulation import simulate_probability_flow
@@ -48,14 +49,19 @@ def theorem_sweep(dims: Iterable[int], sample_sizes: Iterable[int], gammas: Iter
         true_mean = np.zeros(d)
         true_mean[0] = mu_norm
         mu_hat, sigma_hat = sample_empirical_stats(true_mean, n_k, num_pairs, rng)
-        clean = generated_distribution(learned_target(mu_hat, sigma_hat), horizon)
-        entropy_clean = entropy(clean.cov)
-        w2_clean = w2_squared_to_isotropic(clean.mean, clean.cov, true_mean)
+
+        def entropy_and_w2(target):
+            generated = generated_distribution(target, horizon)
+            eigenvalues = np.linalg.eigvalsh(generated.cov)  # one decomposition serves both quantities
+            return (entropy_from_eigenvalues(eigenvalues),
+                    w2_squared_to_isotropic_from_eigenvalues(generated.mean, eigenvalues, true_mean))
+
+        entropy_clean, w2_clean = entropy_and_w2(learned_target(mu_hat, sigma_hat))
         for gamma in gammas:
             for version in VERSIONS:
-                corrupted = generated_distribution(learned_target(mu_hat, sigma_hat, gamma, version), horizon)
-                delta_h = entropy(corrupted.cov) - entropy_clean
-                delta_w2 = w2_clean - w2_squared_to_isotropic(corrupted.mean, corrupted.cov, true_mean)
+                entropy_corrupted, w2_corrupted = entropy_and_w2(learned_target(mu_hat, sigma_hat, gamma, version))
+                delta_h = entropy_corrupted - entropy_clean
+                delta_w2 = w2_clean - w2_corrupted
                 dh_mean, dh_se = pair_mean_and_se(delta_h)
                 dw_mean, dw_se = pair_mean_and_se(delta_w2)
                 records.append(dict(
@@ -88,9 +94,12 @@ def simulation_study(d: int, n_k: int, gamma: float, horizon: float, steps: Iter
     mu_hat, sigma_hat = empirical_stats(true_mean + rng.standard_normal((n_k, d)))
     targets = {"clean": learned_target(mu_hat, sigma_hat)}
     targets.update({f"corrupted-{v}": learned_target(mu_hat, sigma_hat, gamma, v) for v in VERSIONS})
+    # Steps are swept at the most particles and particles at the most steps (the two error sources separately).
+    steps, particles = sorted(steps), sorted(particles)
+    settings = sorted({(s, particles[-1]) for s in steps} | {(steps[-1], p) for p in particles})
     records = []
-    for (name, target), num_steps, num_particles in progress(
-            [(item, s, p) for item in targets.items() for s in steps for p in particles]):
+    for (name, target), (num_steps, num_particles) in progress(
+            [(item, setting) for item in targets.items() for setting in settings]):
         z = simulate_probability_flow(target, horizon, num_steps, num_particles, rng)
         closed = generated_distribution(target, horizon)
         records.append(dict(model=name, steps=num_steps, particles=num_particles,

@@ -55,12 +55,14 @@ def empirical_stats(x) -> tuple[np.ndarray, np.ndarray]:
 
 def entropy(cov) -> np.ndarray:
     """Differential entropy of N(., cov): 1/2 log det(2 pi e cov)."""
-    cov = as_array("cov", cov, min_ndim=2)
-    eigenvalues = np.linalg.eigvalsh(cov)
+    return entropy_from_eigenvalues(np.linalg.eigvalsh(as_array("cov", cov, min_ndim=2)))
+
+
+def entropy_from_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:
+    """1/2 sum_i log(2 pi e lambda_i), for covariance eigenvalues [..., d]."""
     if np.any(eigenvalues <= 0):
         raise ValueError("cov must be positive definite to have a differential entropy")
-    d = cov.shape[-1]
-    return 0.5 * (d * np.log(2 * np.pi * np.e) + np.log(eigenvalues).sum(-1))
+    return 0.5 * (eigenvalues.shape[-1] * np.log(2 * np.pi * np.e) + np.log(eigenvalues).sum(-1))
 
 
 def sqrtm_psd(cov: np.ndarray) -> np.ndarray:
@@ -88,8 +90,12 @@ def w2_squared_to_isotropic(mean, cov, true_mean) -> np.ndarray:
     """W2^2 from N(true_mean, I) (the paper's ground-truth class distribution) to N(mean, cov):
     ||mean - true_mean||^2 + d + tr(cov) - 2 tr(cov^1/2)  (paper Theorem 2 proof, Appendix C)."""
     mean, cov = check_mean_cov(mean, cov)
+    return w2_squared_to_isotropic_from_eigenvalues(mean, np.linalg.eigvalsh(cov), true_mean)
+
+
+def w2_squared_to_isotropic_from_eigenvalues(mean: np.ndarray, eigenvalues: np.ndarray, true_mean) -> np.ndarray:
+    """`w2_squared_to_isotropic` given the eigenvalues [..., d] of cov (tr(cov^1/2) = sum sqrt(lambda_i))."""
     true_mean = as_array("true_mean", true_mean, min_ndim=1)
-    eigenvalues = np.linalg.eigvalsh(cov)
-    d = mean.shape[-1]
     mean_term = ((mean - true_mean) ** 2).sum(axis=-1)
-    return mean_term + d + eigenvalues.sum(axis=-1) - 2 * np.sqrt(np.clip(eigenvalues, 0.0, None)).sum(axis=-1)
+    roots = np.sqrt(np.clip(eigenvalues, 0.0, None))
+    return mean_term + eigenvalues.shape[-1] + eigenvalues.sum(axis=-1) - 2 * roots.sum(axis=-1)
