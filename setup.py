@@ -21,7 +21,8 @@ def extension_modules():
     use_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
-    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp"]
+    # -fno-trapping-math lets GCC if-convert (and so vectorize) float selects, as in the torch build itself.
+    cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if use_cuda:
         extension = cpp_extension.CUDAExtension(
             "models._C",

@@ -2,8 +2,7 @@
 // attention over (batch, head, query tile) work items with an online softmax across key tiles (Dao et al. 2022,
 // Alg. 1). Forward saves only the row log-sum-exp; backward regenerates the noise and K/V and recomputes the
 // probabilities tile by tile from it (Alg. 2). Tile products go through BLAS (at::mm_out / addmm_ on views of raw
-// buffers) and exponentials through ATen's vectorized exp_; the remaining row loops are simple enough for the
-// compiler's auto-vectorizer.
+// buffers); the softmax row loops live in tile_math.h (auto-vectorized, multi-versioned for AVX-512/AVX2).
 //
 // Fully masked rows (every key of a batch element masked): output 0, lse = -inf, and zero gradients.
 #include <ATen/Dispatch.h>
@@ -16,15 +15,13 @@
 #include <ATen/ops/zeros_like.h>
 
 #include "cep.h"
+#include "tile_math.h"
 
 namespace cep {
 namespace {
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 128;
-
-template <typename T>
-constexpr T kMinusInf = -std::numeric_limits<T>::infinity();
 
 // A row-major [rows, cols] view of raw memory with the given row stride (no copy).
 template <typename T>
@@ -82,30 +79,11 @@ void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t
     const int64_t mt = std::min(kKeyTile, p.s.tokens - m0);
     at::Tensor scores = view(scores_ptr, nt, mt, mt);
     tile_scores(p, b, h, n0, nt, m0, mt, scores);
+    online_softmax_tile(scores_ptr, nt, mt, row_max, row_sum, correction);
     for (int64_t i = 0; i < nt; ++i) {
-      T* row = scores_ptr + i * mt;
-      T tile_max = kMinusInf<T>;
-#pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < mt; ++j) tile_max = std::max(tile_max, row[j]);
-      const T new_max = std::max(row_max[i], tile_max);
-      // exp(m_old - m_new) rescales what was accumulated so far; rows with no valid key yet stay at -inf / 0.
-      correction[i] = new_max == kMinusInf<T> ? T(1) : std::exp(row_max[i] - new_max);
-      const T shift = new_max == kMinusInf<T> ? T(0) : new_max;
-#pragma omp simd
-      for (int64_t j = 0; j < mt; ++j) row[j] -= shift;
-      row_max[i] = new_max;
-    }
-    scores.exp_();  // P~ = exp(S - m_new), masked entries exp(-inf) = 0
-    for (int64_t i = 0; i < nt; ++i) {
-      const T* row = scores_ptr + i * mt;
-      T tile_sum = 0;
-#pragma omp simd reduction(+ : tile_sum)
-      for (int64_t j = 0; j < mt; ++j) tile_sum += row[j];
-      row_sum[i] = row_sum[i] * correction[i] + tile_sum;
-      if (correction[i] != T(1)) {
-        T* acc_row = out_rows + i * dh;
-        for (int64_t d = 0; d < dh; ++d) acc_row[d] *= correction[i];
-      }
+      if (correction[i] == T(1)) continue;
+      T* acc_row = out_rows + i * dh;
+      for (int64_t d = 0; d < dh; ++d) acc_row[d] *= correction[i];
     }
     acc.addmm_(scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()));
   }
@@ -144,27 +122,12 @@ void backward_item(const Problem<T>& p, int64_t b, int64_t h, const T* grad_out,
       at::Tensor probs = view(probs_ptr, nt, mt, mt);
       at::Tensor dprobs = view(dprobs_ptr, nt, mt, mt);
       tile_scores(p, b, h, n0, nt, m0, mt, probs);
-      for (int64_t i = 0; i < nt; ++i) {
-        T* row = probs_ptr + i * mt;
-        const T shift = lse_rows[i];
-        if (shift == kMinusInf<T>) {  // fully masked row: P = 0, so every gradient of it is 0
-          std::fill(row, row + mt, kMinusInf<T>);
-          continue;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < mt; ++j) row[j] -= shift;
-      }
-      probs.exp_();  // P = exp(S - lse)
+      probs_from_lse_tile(probs_ptr, nt, mt, lse_rows);
       const at::Tensor k_tile = view(p.k + p.kv_index(b, h, m0), mt, dh, width);
       const at::Tensor v_tile = view(p.v + p.kv_index(b, h, m0), mt, dh, width);
       view(grad_v + p.kv_index(b, h, m0), mt, dh, width).addmm_(probs.t(), go_tile);  // dV += P^T dO
       at::mm_out(dprobs, go_tile, v_tile.t());                                        // dP = dO V^T
-      for (int64_t i = 0; i < nt; ++i) {  // dS = P * (dP - D)
-        const T* prow = probs_ptr + i * mt;
-        T* drow = dprobs_ptr + i * mt;
-#pragma omp simd
-        for (int64_t j = 0; j < mt; ++j) drow[j] = prow[j] * (drow[j] - delta[i]);
-      }
+      softmax_grad_tile(probs_ptr, dprobs_ptr, nt, mt, delta);  // dS = P * (dP - D)
       dq_tile.addmm_(dprobs, k_tile, /*beta=*/m0 == 0 ? 0 : 1, /*alpha=*/p.scale);                 // dQ = s dS K
       view(grad_k + p.kv_index(b, h, m0), mt, dh, width).addmm_(dprobs.t(), q_tile, 1, p.scale);  // dK += s dS^T Q
     }
