@@ -20,42 +20,50 @@ def _scatter_by_d(ax, rows, x_key, y_key, error_key=None):
         ax.errorbar(x, y, yerr=errors, fmt="o", ms=3, label=f"d={d}", alpha=0.8)
 
 
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _version_panels(records: list[dict]):
+    """A figure with one panel per model version; yields (axis, rows of that version with gamma > 0)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = [(ax, [r for r in records if r["version"] == version and r["gamma"] > 0])
+              for ax, version in zip(axes, VERSIONS)]
+    for ax, version in zip(axes, VERSIONS):
+        ax.set_title(version)
+        ax.grid(True, which="both", alpha=0.3)
+    return fig, axes, panels
+
+
 def theorem1_figure(records: list[dict], path: Path) -> None:
     """Delta-H vs gamma^2 d, log-log, one panel per version, with the fitted slope."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, version in zip(axes, VERSIONS):
-        rows = [r for r in records if r["version"] == version and r["gamma"] > 0]
+    fig, axes, panels = _version_panels(records)
+    for ax, rows in panels:
         _scatter_by_d(ax, rows, lambda r: r["gamma"] ** 2 * r["d"], "delta_h")
         x = np.array([r["gamma"] ** 2 * r["d"] for r in rows])
         y = np.array([r["delta_h"] for r in rows])
         slope = log_linear_fit([x], y)[1]
-        ax.set(xscale="log", yscale="log", xlabel="gamma^2 d", title=f"{version}: fitted slope {slope:.2f}")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set(xscale="log", yscale="log", xlabel="gamma^2 d", title=f"{ax.get_title()}: fitted slope {slope:.2f}")
     axes[0].set_ylabel("Delta-H = H(corrupted) - H(clean)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Theorem 1: entropy gain (claim: Theta(gamma^2 d))")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, "Theorem 1: entropy gain (claim: Theta(gamma^2 d))")
 
 
 def theorem2_figure(records: list[dict], path: Path) -> None:
     """E[Delta W2^2] vs gamma^2 d / n_k, symlog y (the gain turns negative for large gamma)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, version in zip(axes, VERSIONS):
-        rows = [r for r in records if r["version"] == version and r["gamma"] > 0]
+    fig, axes, panels = _version_panels(records)
+    for ax, rows in panels:
         _scatter_by_d(ax, rows, lambda r: r["gamma"] ** 2 * r["d"] / r["n_k"], "delta_w2", "delta_w2_se")
         scale = np.array(sorted(r["gamma"] ** 2 * r["d"] / r["n_k"] for r in rows))
         ax.plot(scale, scale, "k--", lw=1, label="gamma^2 d / n_k")
-        ax.set(xscale="log", xlabel="gamma^2 d / n_k", title=version)
+        ax.set(xscale="log", xlabel="gamma^2 d / n_k")
         ax.set_yscale("symlog", linthresh=1e-6)
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("E[W2^2(P,Q) - W2^2(P,Q^c)]  (+-2 s.e.)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Theorem 2: W2 gain (claim: Omega(gamma^2 d / n_k) for gamma = O(1/sqrt(n_k)))")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, "Theorem 2: W2 gain (claim: Omega(gamma^2 d / n_k) for gamma = O(1/sqrt(n_k)))")
 
 
 def simulation_figure(records: list[dict], path: Path) -> None:
@@ -70,10 +78,7 @@ def simulation_figure(records: list[dict], path: Path) -> None:
     axes[0].set(xscale="log", yscale="log", xlabel="Euler steps", ylabel="relative covariance error")
     axes[1].set(xscale="log", yscale="log", xlabel="Euler steps", ylabel="|W2^2 simulated - closed form|")
     axes[0].legend(fontsize=6)
-    fig.suptitle("Probability-flow ODE simulation vs closed forms (Lemmas 3, 4)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, "Probability-flow ODE simulation vs closed forms (Lemmas 3, 4)")
 
 
 def label_flip_figure(records: list[dict], path: Path) -> None:
@@ -92,7 +97,4 @@ def label_flip_figure(records: list[dict], path: Path) -> None:
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set(xlabel="flip ratio eta", ylabel="W2^2")
     axes[1].legend(fontsize=8)
-    fig.suptitle("Label flips (the experiments' corruption) in the Gaussian-mixture model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, "Label flips (the experiments' corruption) in the Gaussian-mixture model")
