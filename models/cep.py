@@ -34,6 +34,11 @@ try:
 except ImportError:
     HAS_EXTENSION = False
 
+# Device types with compiled kernels, looked up once (a plain set keeps the ops traceable by torch.compile).
+KERNEL_DEVICE_TYPES = frozenset(
+    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("cep::perturb", key))
+
 MODES = ("uniform", "gaussian")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INT64 = 2**63 - 1
@@ -175,8 +180,7 @@ _warned_fallback = False
 def _use_extension(device: torch.device) -> bool:
     """True when models._C has a kernel for this device type; else warn once and use the twin."""
     global _warned_fallback
-    has_kernel = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "cep::perturb", "CUDA" if device.type == "cuda" else device.type.upper())
+    has_kernel = HAS_EXTENSION and device.type in KERNEL_DEVICE_TYPES
     if not has_kernel and not _warned_fallback:
         _warned_fallback = True
         warnings.warn(f"models._C has no {device.type} kernels (not built, or built without them); cep ops run the "
