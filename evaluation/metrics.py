@@ -5,6 +5,7 @@ implementations, fed through a pass-through `feature` module; the rest have no m
 and are written here, each citing its paper (tests check them against independent computations).
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -59,8 +60,10 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
     real = _check_features("real", real)
     fake = _check_features("fake", fake, dim=real.shape[1])
     subset_size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
-                                     subset_size=subset_size)
+    with warnings.catch_warnings():  # its "saves all features" warning: intended, features are already in memory
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
+                                         subset_size=subset_size)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng():  # torchmetrics draws subsets from the global RNG; seed it locally
@@ -72,7 +75,9 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """IS (Salimans et al. 2016) from classifier logits: (mean, std) of exp E[KL(p(y|x) || p(y))] over splits."""
     logits = _check_features("logits", logits, min_rows=splits)
-    metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits)
     metric.update(logits)
     with torch.random.fork_rng():  # the split assignment is a global-RNG permutation
         torch.manual_seed(seed)
