@@ -24,8 +24,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
-        self.block = nn.Sequential(normalization(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
-                                   normalization(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, 1, 1))
+        self.block = nn.Sequential(
+            normalization(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
+            normalization(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, 1, 1))
         self.nin_shortcut = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):

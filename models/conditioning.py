@@ -51,6 +51,29 @@ def apply_cep(cep: CEP, embedding: torch.Tensor, mask: torch.Tensor | None = Non
     return Condition(embedding, mask, cep.gamma, cep.mode, seed, cep.dim)
 
 
+def semantic_condition(cep: CEP, class_embedder: "ClassEmbedder | None", y: torch.Tensor | None,
+                       context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                       class_as_token: bool) -> Condition | None:
+    """A denoiser's class label y or text context [B, M, C] as a Condition with this step's CEP draw.
+
+    class_as_token gives the class embedding a token axis, [B, 1, D], for cross-attention (LDM's ClassEmbedder; paper 2's
+    semantic path); else it stays [B, D] for adaLN (DiT). Models with num_classes = 0 and no context get None.
+    """
+    if context is not None:
+        if y is not None:
+            raise ValueError("pass either y or context, not both")
+        return apply_cep(cep, context, context_mask)
+    if class_embedder is None:
+        if y is not None:
+            raise ValueError("y given but the model has num_classes=0")
+        return None
+    if y is None:
+        raise ValueError(f"y is required (class labels in [0, {class_embedder.num_classes}], "
+                         f"{class_embedder.num_classes} = null)")
+    embedding = class_embedder(y)                                         # [B, D]
+    return apply_cep(cep, embedding[:, None] if class_as_token else embedding)
+
+
 #################################################################################
 #                                 Class labels                                  #
 #################################################################################
@@ -103,7 +126,8 @@ def control_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.T
     """Noise-level weight of the control embedding: w(t) = cos(pi/2 * t/(T-1))^alpha, 1 at the clean end, 0 at pure
     noise, so control metadata cannot steer the semantics decided early in sampling (paper 2, Fig. 3).
 
-    Paper 2's exact formula is not available (digest §2.3); this cosine ramp with shape alpha is the documented stand-in.
+    Paper 2's exact formula is not available (digest §2.3); this cosine ramp with shape alpha is the documented
+    stand-in.
     """
     phase = (t.float() / (num_timesteps - 1)).clamp(0, 1)
     return torch.cos(0.5 * math.pi * phase).clamp(min=0) ** alpha

@@ -1,6 +1,7 @@
 """Discrete-time Gaussian diffusion: beta schedules, forward process, eps-prediction loss.
 
-Notation follows DDPM/ADM: alpha_bar_t = prod_{s<=t} (1 - beta_s), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps.
+Notation follows DDPM/ADM: alpha_bar_t = prod_{s<=t} (1 - beta_s),
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 Timesteps are integer indices 0..num_steps-1 (0 = least noise). Samplers (DDPM, DDIM, DPM-Solver++(2M)) share one
 loop with classifier-free guidance and one torch.Generator per image, so a sample set does not depend on batch size.
 """

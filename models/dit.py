@@ -1,15 +1,15 @@
 """DiT (Peebles & Xie 2023) with adaLN-Zero, CEP on the class embedding (paper 1) and paper 2's conditioning option:
 semantic condition through cross-attention, control metadata on the adaLN path weighted by noise level.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.attention import CrossAttention, SelfAttention
 from models.cep import CEP
-from models.conditioning import ClassEmbedder, Condition, ControlEmbedder, apply_cep, timestep_embedding
+from models.conditioning import (ClassEmbedder, Condition, ControlEmbedder, semantic_condition,
+                                 timestep_embedding)
 
 COND_MODES = ("adaln", "cross-attention")
 
@@ -39,38 +39,6 @@ class TimestepEmbedder(nn.Module):
 #                                 Core DiT Model                                #
 #################################################################################
 
-class Attention(nn.Module):
-    """Multi-head self-attention over patch tokens."""
-
-    def __init__(self, hidden_size: int, num_heads: int):
-        super().__init__()
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-        self.num_heads = num_heads
-
-    def forward(self, x):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)                    # (N, H, T, Dh)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
-
-
-class CrossAttention(nn.Module):
-    """Attention from patch tokens to (CEP-perturbed) condition tokens through the fused cep::cross_attention op."""
-
-    def __init__(self, hidden_size: int, num_heads: int, context_dim: int):
-        super().__init__()
-        self.to_q = nn.Linear(hidden_size, hidden_size)
-        self.to_k = nn.Linear(context_dim, hidden_size, bias=False)      # weight [H*Dh, C] = the op's w_k
-        self.to_v = nn.Linear(context_dim, hidden_size, bias=False)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-        self.num_heads = num_heads
-
-    def forward(self, x, condition: Condition):
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
-        out = condition.attend(q, self.to_k.weight, self.to_v.weight)    # (N, H, T, Dh)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
-
-
 class Mlp(nn.Module):
     """Transformer feed-forward: Linear -> GELU(tanh) -> Linear."""
 
@@ -89,10 +57,11 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, context_dim=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = SelfAttention(hidden_size, num_heads)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-            self.cross_attn = CrossAttention(hidden_size, num_heads, context_dim)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads, hidden_size // num_heads,
+                                             q_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -193,8 +162,8 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
             if hasattr(block, "cross_attn"):
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
+                nn.init.zeros_(block.cross_attn.to_out.weight)
+                nn.init.zeros_(block.cross_attn.to_out.bias)
         if self.control_embedder is not None:
             nn.init.zeros_(self.control_embedder.mlp[-1].weight)
             nn.init.zeros_(self.control_embedder.mlp[-1].bias)
@@ -208,25 +177,6 @@ class DiT(nn.Module):
         return rearrange(x, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=self.grid_size, p=self.patch_size,
                          q=self.patch_size)
 
-    def semantic_condition(self, y, context, context_mask) -> Condition | None:
-        """The class label or text context as a Condition carrying this step's CEP draw."""
-        if context is not None:
-            if self.cond_mode != "cross-attention":
-                raise ValueError("context needs cond_mode='cross-attention'")
-            if y is not None:
-                raise ValueError("pass either y or context, not both")
-            return apply_cep(self.cep, context, context_mask)
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("y given but the model has num_classes=0")
-            return None
-        if y is None:
-            raise ValueError(f"y is required (class labels in [0, {self.num_classes}], {self.num_classes} = null)")
-        embedding = self.y_embedder(y)                                    # (N, D)
-        if self.cond_mode == "cross-attention":
-            embedding = embedding[:, None]                                # (N, 1, D): one condition token
-        return apply_cep(self.cep, embedding)
-
     def forward(self, x, t, y=None, context=None, context_mask=None, control=None):
         """x (N, C, H, W), t (N,) integer timesteps -> eps (N, C_out, H, W)."""
         expected = (self.in_channels, self.grid_size * self.patch_size, self.grid_size * self.patch_size)
@@ -237,7 +187,10 @@ class DiT(nn.Module):
             raise ValueError(f"t must be a tensor of shape ({x.shape[0]},), got {getattr(t, 'shape', t)!r}")
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t)                                            # (N, D)
-        condition = self.semantic_condition(y, context, context_mask)
+        if context is not None and self.cond_mode != "cross-attention":
+            raise ValueError("context needs cond_mode='cross-attention'")
+        condition = semantic_condition(self.cep, self.y_embedder, y, context, context_mask,
+                                       class_as_token=self.cond_mode == "cross-attention")
         if condition is not None and self.cond_mode == "adaln":
             c = c + condition.perturbed()                                 # paper 1: c = t + (y_emb + delta)
             condition = None
@@ -291,7 +244,8 @@ PAPER_PARAMS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}
 # Tiny presets that train on 2 CPU cores: 8x8 single-channel digits in pixel space (or 8x8 latents).
 TINY_DEFAULTS = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=False, class_dropout_prob=0.1)
 DIT_PRESETS = {
-    **{f"DiT-{size}/{p}": {**PAPER_DEFAULTS, **dims, "patch_size": p} for size, dims in SIZES.items() for p in (2, 4, 8)},
+    **{f"DiT-{size}/{p}": {**PAPER_DEFAULTS, **dims, "patch_size": p}
+       for size, dims in SIZES.items() for p in (2, 4, 8)},
     "DiT-tiny/2": {**TINY_DEFAULTS, "depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": 2},
     "DiT-micro/2": {**TINY_DEFAULTS, "depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2},
 }

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.attention import CrossAttention, SelfAttention
 from models.cep import CEP
-from models.conditioning import ClassEmbedder, Condition, ControlEmbedder, apply_cep, timestep_embedding
+from models.conditioning import (ClassEmbedder, Condition, ControlEmbedder, semantic_condition,
+                                 timestep_embedding)
 
 NORM_GROUPS = 32
 
@@ -37,7 +39,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, dropout=0.0, out_channels=None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
@@ -47,42 +50,6 @@ class ResBlock(nn.Module):
         h = self.in_layers(x)                                            # (N, C_out, H, W)
         h = h + self.emb_layers(emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a feature map (LDM CrossAttention with context = x)."""
-
-    def __init__(self, query_dim, heads, dim_head):
-        super().__init__()
-        inner = heads * dim_head
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(query_dim, inner, bias=False)
-        self.to_v = nn.Linear(query_dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, query_dim)
-        self.heads = heads
-
-    def forward(self, x):
-        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)                    # (N, H, HW, Dh)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
-
-
-class CrossAttention(nn.Module):
-    """Attention to condition tokens; K/V projections and the CEP perturbation are fused in cep::cross_attention."""
-
-    def __init__(self, query_dim, context_dim, heads, dim_head):
-        super().__init__()
-        inner = heads * dim_head
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)            # weight [H*Dh, C] = the op's w_k
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, query_dim)
-        self.heads = heads
-
-    def forward(self, x, condition: Condition):
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        out = condition.attend(q, self.to_k.weight, self.to_v.weight)    # (N, H, HW, Dh)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class GEGLU(nn.Module):
@@ -104,7 +71,7 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim, n_heads, d_head, context_dim, dropout=0.0):
         super().__init__()
-        self.attn1 = SelfAttention(dim, n_heads, d_head)
+        self.attn1 = SelfAttention(dim, n_heads, qkv_bias=False)
         self.ff = GEGLU(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -255,20 +222,6 @@ class UNetModel(nn.Module):
         if self.control_embedder is not None:
             zero_module(self.control_embedder.mlp[-1])                  # control starts as a no-op
 
-    def semantic_condition(self, y, context, context_mask) -> Condition | None:
-        """Class label (one token) or text context as a Condition carrying this step's CEP draw."""
-        if context is not None:
-            if y is not None:
-                raise ValueError("pass either y or context, not both")
-            return apply_cep(self.cep, context, context_mask)
-        if self.label_embedder is None:
-            if y is not None:
-                raise ValueError("y given but the model has num_classes=0")
-            return None
-        if y is None:
-            raise ValueError(f"y is required (class labels in [0, {self.num_classes}], {self.num_classes} = null)")
-        return apply_cep(self.cep, self.label_embedder(y)[:, None])      # (N, 1, context_dim)
-
     def forward(self, x, t, y=None, context=None, context_mask=None, control=None):
         """x (N, C, H, W), t (N,) integer timesteps -> eps (N, C_out, H, W)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -280,7 +233,7 @@ class UNetModel(nn.Module):
             if self.control_embedder is None:
                 raise ValueError("control given but the model has control_dim=0")
             emb = emb + self.control_embedder(control, t)               # w(t) * control embedding
-        condition = self.semantic_condition(y, context, context_mask)
+        condition = semantic_condition(self.cep, self.label_embedder, y, context, context_mask, class_as_token=True)
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, condition)

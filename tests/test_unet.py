@@ -6,24 +6,12 @@ import torch
 
 from models import build_model
 from models.cep import perturb
+from test_dit import inputs, randomize  # shared helpers (pytest puts tests/ on sys.path)
 
 
 def tiny(preset="UNet-micro", **overrides):
     torch.manual_seed(0)
     return build_model({"arch": "unet", "preset": preset, **overrides})
-
-
-def randomize(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def inputs(batch=3):
-    torch.manual_seed(2)
-    return torch.randn(batch, 1, 8, 8), torch.tensor([0, 400, 999][:batch]), torch.tensor([0, 3, 10][:batch])
 
 
 @pytest.mark.parametrize("preset", ["UNet-micro", "UNet-tiny"])
