@@ -34,14 +34,32 @@ def make_betas(schedule: str, num_steps: int = 1000) -> torch.Tensor:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-def model_eps(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The eps prediction inside a model output: the whole output, or its first half for learn-sigma models."""
+def split_output(output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eps, v) from a model output: eps is the whole output, or its first half for learn-sigma models whose second
+    half v in [-1, 1] interpolates the reverse-process log-variance (None without it)."""
     if output.shape == x.shape:
-        return output
+        return output, None
     if output.dim() == x.dim() and output.shape[1] == 2 * x.shape[1] and output.shape[2:] == x.shape[2:]:
-        return output[:, : x.shape[1]]
+        return output[:, : x.shape[1]], output[:, x.shape[1]:]
     raise ValueError(f"model output has shape {tuple(output.shape)}; expected {tuple(x.shape)} "
                      f"or twice the channels (learn_sigma)")
+
+
+def learned_log_variance(v: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:
+    """Nichol & Dhariwal 2021 Eq. 15: log Sigma = f log beta + (1 - f) log beta_tilde with f = (v + 1) / 2."""
+    fraction = (v + 1) / 2
+    return fraction * log_beta + (1 - fraction) * log_beta_tilde
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, exp(log_scale)^2) (DDPM §3.3 decoder L_0)."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + 1 / 255))
+    cdf_min = torch.special.ndtr(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +79,12 @@ class GaussianDiffusion:
         self.betas = betas
         self.num_steps = betas.numel()
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        # Posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 7); beta_tilde_0 = 0, so its log is clipped to beta_tilde_1.
+        self.posterior_mean_coef_x0 = betas * previous.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_xt = (1 - previous) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
+        posterior_variance = betas * (1 - previous) / (1 - self.alphas_cumprod)
+        self.posterior_log_variance = torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log()
 
     def check_timesteps(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.shape != (batch,):
@@ -82,6 +106,8 @@ class GaussianDiffusion:
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample eps-prediction MSE ||eps - eps_theta(x_t, t, c)||^2 averaged over non-batch dims, shape [B].
 
+        Learn-sigma models (twice the channels) add the variational bound for their variance output with the eps
+        prediction frozen, as DiT/IDDPM's L_hybrid (Nichol & Dhariwal 2021 §3.1).
         input_perturbation = gamma_IP > 0 is the IP baseline (Ning et al. 2023): the network sees
         x_t built from eps + gamma_IP * xi but is still asked to predict eps.
         """
@@ -101,8 +127,25 @@ class GaussianDiffusion:
             xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
             x_input_noise = noise + input_perturbation * xi
         x_t = self.q_sample(x0, t, x_input_noise)
-        eps = model_eps(model(x_t, t, **model_kwargs), x_t)
-        return (eps - noise).pow(2).flatten(1).mean(1)
+        eps, v = split_output(model(x_t, t, **model_kwargs), x_t)
+        loss = (eps - noise).pow(2).flatten(1).mean(1)
+        if v is not None:
+            loss = loss + self.variance_bound(x0, x_t, t, eps.detach(), v)
+        return loss
+
+    def variance_bound(self, x0, x_t, t, eps, v) -> torch.Tensor:
+        """L_vlb term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0."""
+        alpha_bar = extract(self.alphas_cumprod, t, x_t)
+        x0_pred = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        coef_x0, coef_xt = extract(self.posterior_mean_coef_x0, t, x_t), extract(self.posterior_mean_coef_xt, t, x_t)
+        true_mean, true_log_var = coef_x0 * x0 + coef_xt * x_t, extract(self.posterior_log_variance, t, x_t)
+        model_mean = coef_x0 * x0_pred + coef_xt * x_t
+        model_log_var = learned_log_variance(v, extract(self.betas.log(), t, x_t), true_log_var)
+        kl = 0.5 * (-1 + model_log_var - true_log_var + (true_log_var - model_log_var).exp()
+                    + (true_mean - model_mean).pow(2) * (-model_log_var).exp())
+        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        first = (t == 0).reshape(-1, *([1] * (x_t.dim() - 1)))
+        return torch.where(first, nll, kl).flatten(1).mean(1) / math.log(2)
 
     def shift_schedule(self, resolution_ratio: float) -> "GaussianDiffusion":
         """Schedule for a resolution `resolution_ratio` times larger (per side): SNR_new(t) = SNR(t) / ratio^2.
@@ -128,13 +171,14 @@ def per_image_noise(shape, generators: list[torch.Generator], device) -> torch.T
 
 
 def guided_eps(model, x, t, model_kwargs, null_kwargs, guidance):
-    """Classifier-free guidance on all channels: eps = eps_u + s (eps_c - eps_u); s = 1 is the conditional model."""
+    """Classifier-free guidance on all channels: eps = eps_u + s (eps_c - eps_u); s = 1 is the conditional model.
+    Returns (eps, v): a learn-sigma model's variance output v is the conditional one (as DiT), else None."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    eps_c = model_eps(model(x, t_batch, **model_kwargs), x)
+    eps_c, v = split_output(model(x, t_batch, **model_kwargs), x)
     if guidance == 1.0:
-        return eps_c
-    eps_u = model_eps(model(x, t_batch, **null_kwargs), x)
-    return eps_u + guidance * (eps_c - eps_u)
+        return eps_c, v
+    eps_u, _ = split_output(model(x, t_batch, **null_kwargs), x)
+    return eps_u + guidance * (eps_c - eps_u), v
 
 
 def sampling_timesteps(num_steps: int, steps: int) -> list[int]:
@@ -149,7 +193,8 @@ def sample(model, diffusion: GaussianDiffusion, shape, model_kwargs: dict, null_
     """Draw len(generators) samples x_0 of `shape` = [B, ...] by integrating from x_T ~ N(0, I) to t = 0.
 
     ddim: Song et al. 2021 Eq. 12 with eta (0 = deterministic ODE). ddpm: the ancestral sampler, i.e. the same update
-    with eta = 1 (posterior variance beta_tilde) on the respaced schedule. dpm++2m: Lu et al. 2022 (DPM-Solver++)
+    with eta = 1 (posterior variance beta_tilde) on the respaced schedule, or the model's learned variance
+    (Nichol & Dhariwal Eq. 15 on the respaced betas) for learn-sigma models. dpm++2m: Lu et al. 2022 (DPM-Solver++)
     multistep second-order data-prediction solver, first order at the first and the final step.
     The last step of every sampler goes to alpha_bar = 1 (x_0 = predicted x_0).
     """
@@ -182,7 +227,7 @@ def sample(model, diffusion: GaussianDiffusion, shape, model_kwargs: dict, null_
     previous_x0, previous_h = None, None
     for i in tqdm(range(steps), disable=not progress, desc=f"{sampler} sampling"):
         a, a_next = alpha_bars[i], alpha_bars[i + 1]
-        eps = guided_eps(model, x, timesteps[i], model_kwargs, null_kwargs, float(guidance))
+        eps, v = guided_eps(model, x, timesteps[i], model_kwargs, null_kwargs, float(guidance))
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         if a_next == 1.0:                       # final step: return the data prediction
             x = x0
@@ -200,6 +245,8 @@ def sample(model, diffusion: GaussianDiffusion, shape, model_kwargs: dict, null_
             # DDIM Eq. 12; sigma from Eq. 16 (eta = 1 gives the DDPM posterior variance).
             sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
             x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next - sigma**2) * eps
-            if sigma > 0:
+            if sampler == "ddpm" and v is not None:
+                sigma = (0.5 * learned_log_variance(v, math.log(1 - a / a_next), 2 * math.log(sigma))).exp()
+            if eta > 0:
                 x = x + sigma * per_image_noise(shape, generators, device)
     return x

@@ -70,6 +70,33 @@ def test_training_losses_is_seeded_by_generator():
     assert not torch.allclose(a, c)
 
 
+def test_learn_sigma_adds_the_variational_bound_for_the_variance_only():
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    x0, noise = torch.rand(4, 2, 3, 3) * 2 - 1, torch.randn(4, 2, 3, 3)
+    t = torch.tensor([1, 10, 50, 99])
+    eps_error = 0.1 * torch.randn(4, 2, 3, 3)
+
+    def model_with(v_value, eps_param):
+        return lambda x_t, t_in: torch.cat([noise + eps_param, torch.full_like(x_t, v_value)], dim=1)
+
+    # Exact eps and v = -1 (the true posterior variance beta_tilde): the KL term vanishes for t > 0.
+    exact = diffusion.training_losses(model_with(-1.0, 0.0), x0, {}, t=t, noise=noise)
+    torch.testing.assert_close(exact, torch.zeros(4), atol=1e-5, rtol=0)
+    # v = +1 (variance beta_t) gives a positive KL where beta_t and beta_tilde_t differ (small t; they agree at large t).
+    wrong_variance = diffusion.training_losses(model_with(1.0, 0.0), x0, {}, t=t, noise=noise)
+    assert bool((wrong_variance[:2] > 1e-3).all() and (wrong_variance >= 0).all())
+    # An eps error adds its MSE plus a mean-mismatch KL.
+    eps_param = eps_error.clone().requires_grad_()
+    loss = diffusion.training_losses(model_with(-1.0, eps_param), x0, {}, t=t, noise=noise)
+    assert bool((loss > eps_error.pow(2).flatten(1).mean(1)).all())
+    loss.sum().backward()
+    # The bound does not train the eps half (stop-gradient): its gradient is that of the MSE alone.
+    torch.testing.assert_close(eps_param.grad, 2 * eps_error / 18)
+    # t = 0 uses the discretised decoder likelihood: positive, finite.
+    first = diffusion.training_losses(model_with(-1.0, 0.0), x0, {}, t=torch.zeros(4, dtype=torch.long), noise=noise)
+    assert bool(torch.isfinite(first).all() and (first > 0).all())
+
+
 def test_shift_schedule_divides_snr_by_ratio_squared():
     base = GaussianDiffusion(make_betas("linear", 1000))
     shifted = base.shift_schedule(2.0)

@@ -97,6 +97,19 @@ def test_learn_sigma_output_uses_first_half():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_ddpm_uses_a_learned_variance():
+    mixture = MixtureEps([1.0], [[0.5, -0.5]], [0.3])
+
+    def with_variance(v):
+        return lambda x, t: torch.cat([mixture(x, t), torch.full_like(x, v)], dim=1)
+
+    plain = sample(mixture, DIFFUSION, (64, 2), {}, {}, sampler="ddpm", steps=10, generators=generators(64))
+    tilde = sample(with_variance(-1.0), DIFFUSION, (64, 2), {}, {}, sampler="ddpm", steps=10, generators=generators(64))
+    torch.testing.assert_close(tilde, plain, rtol=1e-5, atol=1e-5)   # v = -1 is the posterior variance beta_tilde
+    large = sample(with_variance(1.0), DIFFUSION, (64, 2), {}, {}, sampler="ddpm", steps=10, generators=generators(64))
+    assert float(large.var(0).mean()) > float(plain.var(0).mean())   # v = +1 (beta) injects more noise
+
+
 @pytest.mark.parametrize("kwargs,name", [
     ({"sampler": "euler"}, "sampler"), ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"),
     ({"eta": 1.5}, "eta"), ({"guidance": float("nan")}, "guidance"), ({"generators": generators(3)}, "generators"),
