@@ -25,6 +25,16 @@ TINY = ["--preset", "dit-tiny-digits", "--set", "model.preset=DiT-micro/2", "--b
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread, as the subprocesses get: with pytest-xdist every core already runs a test worker, and
+    oversubscribed OpenMP threads make these tiny models several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args, check=True):
     return subprocess.run([sys.executable, "-m", "training.train", *TINY, *args], cwd=REPO, env=ENV, check=check,
                           capture_output=True, text=True, timeout=600)

@@ -87,11 +87,25 @@ def write_json(path, data: dict) -> None:
     atomic_write(Path(path), lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def export_ema(run_dir, ema_state_dict: dict, config: dict) -> None:
-    """run_dir/ema.safetensors (weights) + run_dir/ema.json (the run config, to rebuild the model)."""
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in ema_state_dict.items()}
+def export_ema(run_dir, ema_parts: dict, config: dict) -> None:
+    """run_dir/ema.safetensors (denoiser weights) + run_dir/ema.json (the run config, to rebuild the model), and for
+    text runs run_dir/text_encoder/ (the EMA text encoder, TextEncoder.save_pretrained layout)."""
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in ema_parts["model"].state_dict().items()}
     atomic_write(Path(run_dir) / "ema.safetensors", lambda temporary: save_file(tensors, str(temporary)))
+    if "text_encoder" in ema_parts:
+        ema_parts["text_encoder"].save_pretrained(Path(run_dir) / "text_encoder")
     write_json(Path(run_dir) / "ema.json", config)
+
+
+def load_ema_text_encoder(run_dir, map_location="cpu"):
+    """The EMA text encoder of a text-conditional run (eval mode): `encoder.encode(captions)` gives the
+    (context, context_mask) its denoiser expects."""
+    from models.text_encoder import TextEncoder
+
+    try:
+        return TextEncoder.from_pretrained(Path(run_dir) / "text_encoder").to(map_location).eval()
+    except ValueError as error:
+        raise CheckpointError(f"run_dir {run_dir} has no exported text encoder ({error})") from error
 
 
 def load_ema_model(run_dir, map_location="cpu"):

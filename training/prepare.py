@@ -10,6 +10,9 @@ from training.corruption import (CORRUPTION_KINDS, asymmetric_flip, check_ratio,
 from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, template_captions
 
 CONDITIONS = ("class", "text", "none")
+# A small from-scratch text encoder (models/text_encoder.py); paper 1's bert-base cannot be downloaded here.
+TEXT_ENCODER_DEFAULTS = {"vocab_size": 4096, "max_length": 16, "width": 64, "depth": 2, "num_heads": 2,
+                         "padding": "zero"}
 
 
 @dataclass
@@ -29,17 +32,28 @@ def load_training_data(config: dict) -> ImageDataset:
 
 
 def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int, int, int] | None) -> dict:
-    """Fills the fields the data determines (class names, model input shape, number of classes)."""
+    """Fills the fields the data determines (class names, model input shape, number of classes, context width)."""
     data, model = config["data"], config["model"]
     if data["condition"] not in CONDITIONS:
         raise ValueError(f"data.condition must be one of {CONDITIONS}, got {data['condition']!r}")
     data["num_classes"], data["class_names"] = dataset.num_classes, list(dataset.class_names)
     channels, size = (latent_shape[0], latent_shape[1]) if latent_shape else (data["channels"], data["image_size"])
-    model["in_channels"], model["input_size"] = channels, size
+    model["in_channels"] = channels
+    model["image_size" if model.get("arch") == "unet" else "input_size"] = size
     model["num_classes"] = dataset.num_classes if data["condition"] == "class" else 0
     if data["condition"] == "text":
-        model.setdefault("cond_mode", "cross-attention")
+        config["text_encoder"] = {**TEXT_ENCODER_DEFAULTS, **(config.get("text_encoder") or {})}
+        model["context_dim"] = config["text_encoder"]["width"]
+        if model.get("arch") == "dit":
+            model["cond_mode"] = "cross-attention"
     return config
+
+
+def model_input_shape(config: dict) -> tuple[int, int, int]:
+    """(C, H, W) the denoiser sees: pixels, or latents on the LDM path."""
+    model = config["model"]
+    size = model["image_size" if model.get("arch") == "unet" else "input_size"]
+    return model["in_channels"], size, size
 
 
 def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None, rank: int) -> TrainingData:

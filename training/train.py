@@ -24,17 +24,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
+from models.text_encoder import TextEncoder
 from models.diffusion import sample
 from training import distributed
 from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, save_checkpoint,
                                  write_json)
 from training.corruption import random_flip
-from training.data import DataOrder, hash_seed
+from training.data import DataOrder, hash_seed, template_captions
 from training.ema import EMA
-from training.prepare import prepare
+from training.prepare import model_input_shape, prepare
 from training.presets import build_diffusion, load_preset, resume_differences, set_path
 from training.regularizers import attach_embedding_regularizers
 from training.stats import RunLogger, save_image_grid
+from training.text import NULL_CAPTION, TextConditionedDenoiser, drop_captions, parts
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -149,23 +151,26 @@ def model_inputs(data, config, indices, generator, device) -> tuple[torch.Tensor
             labels = random_flip(labels, config["corruption"]["ratio"], data.prior, generator)
         kwargs["y"] = labels.to(device)
     elif data.captions is not None:
-        kwargs["captions"] = [data.captions[i] for i in indices.tolist()]
+        captions = [data.captions[i] for i in indices.tolist()]
+        kwargs["captions"] = drop_captions(captions, config["training"]["caption_dropout"], generator)
     if config["model"].get("control_dim", 0):
         kwargs["control"] = control.to(device)
     return x0.to(device), kwargs
 
 
 def init_from(model: torch.nn.Module, source: str, logger: RunLogger) -> None:
-    """Resolution transfer (paper 2 §2.2): the DiT positional embedding is recomputed from the config (interpolated
-    when model.pos_embed_base_size is set), so a lower-resolution checkpoint loads as is."""
+    """Resolution transfer (paper 2 §2.2): start from another run's EMA weights. The DiT positional embedding is not
+    stored but recomputed from the config (interpolated when model.pos_embed_base_size is set), so a
+    lower-resolution checkpoint loads as is; the noise-schedule shift is the diffusion.resolution_shift setting."""
     path = Path(source)
     if path.is_dir():
-        path = latest_checkpoint(path) or path / "missing-checkpoint"
+        path = latest_checkpoint(path) or path / "checkpoints" / "missing"
     state = load_checkpoint(path)
-    missing, unexpected = model.load_state_dict(state["ema"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"--init-from {source}: weights do not fit the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+    for name, module in parts(model).items():
+        try:
+            module.load_state_dict(state[ema_key(name)])
+        except (KeyError, RuntimeError) as error:
+            raise CheckpointError(f"--init-from {source}: its {name} weights do not fit this model ({error})") from error
     logger.log(f"initialised from the EMA weights of {path}")
 
 
@@ -174,11 +179,15 @@ def save_samples(ema_model, diffusion, config, data, path, device) -> None:
     """A grid of EMA samples, one generator per image (seeded by image index), classes cycling."""
     logging, model = config["logging"], config["model"]
     count = logging["num_samples"]
-    shape = (count, model["in_channels"], model["input_size"], model["input_size"])
+    shape = (count, *model_input_shape(config))
     kwargs, null_kwargs = {}, {}
+    classes = torch.arange(count) % config["data"]["num_classes"]
     if data.labels is not None:
-        kwargs["y"] = torch.arange(count, device=device) % model["num_classes"]
+        kwargs["y"] = classes.to(device)
         null_kwargs["y"] = torch.full((count,), model["num_classes"], device=device)
+    elif data.captions is not None:
+        kwargs["captions"] = template_captions(classes, config["data"]["class_names"], torch.Generator())
+        null_kwargs["captions"] = [NULL_CAPTION] * count
     generators = [torch.Generator(device).manual_seed(hash_seed(config["seed"], i)) for i in range(count)]
     images = sample(ema_model, diffusion, shape, kwargs, null_kwargs, "ddim", logging["sample_steps"],
                     logging["sample_guidance"], generators, device=device)
@@ -210,7 +219,10 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
         write_json(config_file, config)
 
     torch.manual_seed(hash_seed(config["seed"], 0xA11))  # weights: identical init on every rank
-    net = build_model(config["model"]).to(device)
+    net = build_model(config["model"])
+    if config["data"]["condition"] == "text":
+        net = TextConditionedDenoiser(net, TextEncoder(**config["text_encoder"]))
+    net = net.to(device)
     attach_embedding_regularizers(net, training["cond_dropout"], training["label_smoothing"])
     ema = EMA(net, training["ema_decay"], training["ema_warmup"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=training["lr"], betas=tuple(training["adam_betas"]),
@@ -222,8 +234,10 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     latest = distributed.broadcast_object(str(latest_checkpoint(run_dir) or "") if rank == 0 else None)
     if latest:
         state = load_checkpoint(latest, map_location=device)
-        net.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
+        for name, module in parts(net).items():
+            module.load_state_dict(state[name])
+        for name, module in parts(ema.model).items():
+            module.load_state_dict(state[ema_key(name)])
         ema.num_updates.fill_(state["ema_num_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -251,14 +265,15 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     def save(final: bool = False) -> None:
         distributed.check_consistency(net)
         if rank == 0:
-            state = {"config": config, "images_seen": images_seen, "model": net.state_dict(),
-                     "ema": ema.model.state_dict(), "ema_num_updates": int(ema.num_updates),
+            state = {"config": config, "images_seen": images_seen, "ema_num_updates": int(ema.num_updates),
+                     **{name: module.state_dict() for name, module in parts(net).items()},
+                     **{ema_key(name): module.state_dict() for name, module in parts(ema.model).items()},
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "nonfinite_total": nonfinite_total, "nonfinite_streak": nonfinite_streak,
                      # Data order and every random draw derive from (seed, rank, images_seen): nothing else to store.
                      "rng": {"seed": config["seed"], "scheme": "hash(seed, rank, images_seen, round)"}}
             path = save_checkpoint(run_dir, images_seen, state, logging["keep_checkpoints"])
-            export_ema(run_dir, ema.model.state_dict(), config)
+            export_ema(run_dir, parts(ema.model), config)
             logger.log(f"saved {path.name}{' (final)' if final else ''}")
         distributed.barrier()
 
@@ -314,12 +329,22 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
         if done or crossed(images_seen, training["batch_size"], logging["checkpoint_every_images"]):
             save(final=done)
         sample_every = logging["sample_every_images"]
-        if rank == 0 and (done or (sample_every and crossed(images_seen, training["batch_size"], sample_every))):
-            save_samples(ema.model, diffusion, config, data, run_dir / "samples" / f"samples-{images_seen:09d}.png",
-                         device)
+        if rank == 0 and sample_every and crossed(images_seen, training["batch_size"], sample_every):
+            save_samples(ema.model, diffusion, config, data, samples_path(run_dir, images_seen), device)
     bar.close()
+    if rank == 0 and not samples_path(run_dir, images_seen).exists():  # also after a crash while sampling
+        save_samples(ema.model, diffusion, config, data, samples_path(run_dir, images_seen), device)
     distributed.barrier()
     return record
+
+
+def samples_path(run_dir: Path, images_seen: int) -> Path:
+    return run_dir / "samples" / f"samples-{images_seen:09d}.png"
+
+
+def ema_key(part: str) -> str:
+    """Checkpoint entry of a part's EMA: "ema" for the denoiser (what load_ema_model reads), "ema_<part>" else."""
+    return "ema" if part == "model" else f"ema_{part}"
 
 
 def crossed(images_seen: int, batch: int, interval: int) -> bool:

@@ -1,0 +1,81 @@
+"""The LDM path: training inputs are an autoencoder's latents, encoded once and cached in the run dir
+(run_dir/latents.pt), with horizontally flipped copies when flips are on (flipping latents only approximates
+encoding a flipped image, so both orientations are encoded)."""
+from pathlib import Path
+
+import torch
+
+from models.autoencoder import load_autoencoder
+from training import distributed
+from training.checkpoint import atomic_write
+from training.data import ImageDataset, augment
+
+ENCODE_BATCH = 256
+
+
+def autoencoder_file(path) -> Path:
+    """An autoencoder checkpoint: the file itself, or run_dir/autoencoder.pt of a train_autoencoder run."""
+    path = Path(path)
+    path = path / "autoencoder.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"--autoencoder {path} does not exist (expected a train_autoencoder run dir or .pt file)")
+    return path
+
+
+class LatentSource:
+    """Cached latents [N, C, h, w] (+ flipped copies) -> (x, control) batches; `decode` maps samples to pixels."""
+
+    def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, original_sizes: torch.Tensor,
+                 autoencoder):
+        self.latents, self.flipped, self.original_sizes = latents, flipped, original_sizes
+        self.autoencoder = autoencoder
+        self.shape = tuple(latents.shape[1:])
+
+    @classmethod
+    def build(cls, dataset: ImageDataset, config: dict, run_dir: Path | None, rank: int, device) -> "LatentSource":
+        data, path = config["data"], autoencoder_file(config["latent"]["autoencoder"])
+        if data["random_crop"]:
+            raise ValueError("--random-crop is not supported with --autoencoder (latents are encoded once)")
+        autoencoder, _ = load_autoencoder(path, map_location=device)
+        # The cache is valid for this exact autoencoder file and data selection.
+        key = {"autoencoder": str(path.resolve()), "mtime": path.stat().st_mtime_ns, "hflip": data["hflip"],
+               **{k: data[k] for k in ("dataset", "path", "split", "image_size", "channels", "resize")}}
+        cache = run_dir / "latents.pt" if run_dir is not None else None
+        if rank == 0 and (cache is None or not cache.exists() or torch.load(cache, weights_only=True)["key"] != key):
+            encoded = encode_dataset(autoencoder, dataset, data["image_size"], data["hflip"], device)
+            if cache is not None:
+                atomic_write(cache, lambda temporary: torch.save({"key": key, **encoded}, temporary))
+        distributed.barrier()
+        if cache is not None:
+            encoded = torch.load(cache, weights_only=True)
+        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, autoencoder)
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.latents[indices]
+        flips = torch.zeros(len(indices), dtype=torch.bool)
+        if self.flipped is not None:
+            flips = torch.rand(len(indices), generator=generator) < 0.5
+            x = torch.where(flips[:, None, None, None], self.flipped[indices], x)
+        control = torch.cat([torch.zeros(len(indices), 2, dtype=torch.int64), self.original_sizes[indices],
+                             flips[:, None].long()], dim=1).float()
+        return x, control
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents.float())
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder, dataset: ImageDataset, image_size: int, hflip: bool, device) -> dict:
+    """Centre-cropped images in [-1, 1] -> scaled latents (posterior mean for KL), in batches."""
+    orientations = {"latents": False, "flipped": True} if hflip else {"latents": False}
+    out = {}
+    for name, flip in orientations.items():
+        chunks = []
+        for start in range(0, len(dataset), ENCODE_BATCH):
+            images = dataset.images[start:start + ENCODE_BATCH]
+            x, _ = augment(images, dataset.original_sizes[start:start + ENCODE_BATCH], image_size, False, False,
+                           torch.Generator())
+            chunks.append(autoencoder.encode((x.flip(-1) if flip else x).to(device)).float().cpu())
+        out[name] = torch.cat(chunks)
+    return out
