@@ -30,7 +30,7 @@ def extension_modules():
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DCEP_WITH_CUDA"],
-                "nvcc": ["-O3", "-g0", "--expt-relaxed-constexpr", "-std=c++20", "-DCEP_WITH_CUDA"],
+                "nvcc": ["-O3", "-Xcompiler=-g0", "--expt-relaxed-constexpr", "-std=c++20", "-DCEP_WITH_CUDA"],
             },
             extra_link_args=["-fopenmp"],
         )

@@ -9,12 +9,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 
-#include "cep.h"
+#include "attention_common.h"
 #include "tile_math.h"
 
 namespace cep {
@@ -134,32 +133,11 @@ void backward_item(const Problem<T>& p, int64_t b, int64_t h, const T* grad_out,
   }
 }
 
-struct Prepared {
-  at::Tensor q, context, w_k, w_v, noisy, k, v, mask;
-};
-
-// Upcasts to the compute type, perturbs the context and projects K, V: [B, M, H*Dh] each.
-Prepared prepare(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k, const at::Tensor& w_v,
-                 const std::optional<at::Tensor>& key_mask, double gamma, c10::string_view mode, int64_t seed,
-                 int64_t offset, int64_t dim) {
-  const auto ct = compute_type(q.scalar_type());
-  Prepared r;
-  r.q = q.to(ct).contiguous();
-  r.context = context.to(ct).contiguous();
-  r.w_k = w_k.to(ct);
-  r.w_v = w_v.to(ct);
-  r.noisy = gamma > 0 ? perturb_cpu(r.context, gamma, mode, seed, offset, dim) : r.context;
-  r.k = at::matmul(r.noisy, r.w_k.t()).contiguous();
-  r.v = at::matmul(r.noisy, r.w_v.t()).contiguous();
-  if (key_mask.has_value()) r.mask = key_mask->contiguous();
-  return r;
-}
-
 template <typename T>
-Problem<T> problem(const AttentionShape& s, const Prepared& r) {
+Problem<T> problem(const AttentionShape& s, const PreparedAttention& r) {
   return {s, static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.head_dim))), r.q.const_data_ptr<T>(),
           r.k.const_data_ptr<T>(), r.v.const_data_ptr<T>(),
-          r.mask.defined() ? r.mask.const_data_ptr<bool>() : nullptr};
+          r.key_mask.defined() ? r.key_mask.const_data_ptr<bool>() : nullptr};
 }
 
 void check_cpu(const at::Tensor& q) {
@@ -174,7 +152,7 @@ TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, c
   const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
   check_cpu(q);
   check_stream(gamma, mode, seed, offset, dim, context.numel());
-  const Prepared r = prepare(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
   const auto ct = r.q.scalar_type();
   at::Tensor out = at::empty({s.batch, s.heads, s.queries, s.head_dim}, r.q.options());
   at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, r.q.options());
@@ -204,7 +182,7 @@ TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Te
   check_backward(s, q, grad_out, out, lse);
   check_cpu(q);
   check_stream(gamma, mode, seed, offset, dim, context.numel());
-  const Prepared r = prepare(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
   const auto ct = r.q.scalar_type();
   const at::Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.to(ct).contiguous();
   at::Tensor grad_q = at::empty_like(r.q);
@@ -220,13 +198,7 @@ TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Te
       }
     });
   });
-  // K = c' W_k^T  =>  dW_k = dK^T c', dc' = dK W_k (+ the same for V); dc/dc' = I since the noise is additive.
-  const at::Tensor dk2 = grad_k.view({-1, s.heads * s.head_dim}), dv2 = grad_v.view({-1, s.heads * s.head_dim});
-  const at::Tensor noisy2 = r.noisy.view({-1, s.channels});
-  at::Tensor grad_context = at::mm(dk2, r.w_k).addmm_(dv2, r.w_v).view({s.batch, s.tokens, s.channels});
-  at::Tensor grad_w_k = at::mm(dk2.t(), noisy2), grad_w_v = at::mm(dv2.t(), noisy2);
-  return {grad_q.to(q.scalar_type()), grad_context.to(context.scalar_type()), grad_w_k.to(w_k.scalar_type()),
-          grad_w_v.to(w_v.scalar_type())};
+  return attention_input_grads(r, s, grad_q, grad_k, grad_v, q.scalar_type());
 }
 
 }  // namespace cep

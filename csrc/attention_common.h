@@ -1,0 +1,23 @@
+// Backend-independent parts of cep::cross_attention: the input preparation (upcast, CEP perturbation, K/V
+// projection) and the projection gradients. The CPU (attention_cpu.cpp) and CUDA (cuda/attention.cu) kernels only
+// implement the attention core between them. Host-only ATen headers, so .cu files may include it.
+#pragma once
+#include "cep.h"
+
+namespace cep {
+
+// Inputs in the compute type (contiguous), the perturbed context c' and K = c' W_k^T, V = c' W_v^T: [B, M, H*Dh].
+struct PreparedAttention {
+  at::Tensor q, noisy_context, w_k, w_v, k, v, key_mask;  // key_mask undefined when absent
+};
+
+PreparedAttention prepare_attention(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
+                                    const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
+                                    c10::string_view mode, int64_t seed, int64_t offset, int64_t dim);
+
+// From dQ, dK, dV (compute type, dK/dV [B, M, H*Dh]) to (grad_q, grad_context, grad_w_k, grad_w_v) in the input
+// dtypes: K = c' W_k^T gives dW_k = dK^T c' and dc' = dK W_k (same for V); dc/dc' = I since the noise is additive.
+TensorQuad attention_input_grads(const PreparedAttention& r, const AttentionShape& s, const at::Tensor& grad_q,
+                                 const at::Tensor& grad_k, const at::Tensor& grad_v, at::ScalarType dtype);
+
+}  // namespace cep
