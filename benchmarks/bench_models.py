@@ -2,7 +2,7 @@
 the DESIGN §6 bar: DiT-S/2 fp32 train step (B=8, 32x32x4 latents) against diffusers' DiTTransformer2DModel of the same
 size in the same run (diffusers is a benchmark-only dependency; the comparison is skipped with a note without it).
 
-    python -m benchmarks.bench_models [--repeats 5] [--skip-diffusers]
+    python -m benchmarks.bench_models [--repeats 5] [--batch 32] [--threads N] [--skip-dit-s2]
 """
 import argparse
 import statistics
@@ -130,7 +130,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32, help="batch for the tiny presets")
     parser.add_argument("--skip-dit-s2", action="store_true", help="skip the DiT-S/2 train-step comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parameter_table()
     tiny_table(args.batch, args.repeats)
     if not args.skip_dit_s2:

@@ -11,8 +11,6 @@ from torch import nn
 
 from models.cep import CEP, cross_attention, perturb
 
-CONTROL_FIELDS = ("crop_top", "crop_left", "original_height", "original_width", "flip")
-
 
 #################################################################################
 #                        CEP on a condition-encoder output                      #
