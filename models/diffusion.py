@@ -220,14 +220,28 @@ def sample(model, diffusion: GaussianDiffusion, shape, model_kwargs: dict, null_
         device = next((p.device for p in model.parameters()), torch.device("cpu")) \
             if isinstance(model, torch.nn.Module) else torch.device("cpu")
     eta = 1.0 if sampler == "ddpm" else float(eta)
+    # Sampling never uses training-mode behaviour (label dropout, CEP): run the model in eval mode, then restore.
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        return integrate(model, diffusion, shape, model_kwargs, null_kwargs, sampler, steps, float(guidance),
+                         generators, eta, progress, device)
+    finally:
+        if was_training:
+            model.train()
 
+
+def integrate(model, diffusion, shape, model_kwargs, null_kwargs, sampler, steps, guidance, generators, eta, progress,
+              device) -> torch.Tensor:
+    """The sampling loop of `sample` (arguments already checked)."""
     timesteps = sampling_timesteps(diffusion.num_steps, steps)
     alpha_bars = [float(diffusion.alphas_cumprod[t]) for t in timesteps] + [1.0]
     x = per_image_noise(shape, generators, device)
     previous_x0, previous_h = None, None
     for i in tqdm(range(steps), disable=not progress, desc=f"{sampler} sampling"):
         a, a_next = alpha_bars[i], alpha_bars[i + 1]
-        eps, v = guided_eps(model, x, timesteps[i], model_kwargs, null_kwargs, float(guidance))
+        eps, v = guided_eps(model, x, timesteps[i], model_kwargs, null_kwargs, guidance)
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         if a_next == 1.0:                       # final step: return the data prediction
             x = x0

@@ -89,6 +89,24 @@ def test_guidance_scale_one_equals_conditional_and_guidance_extrapolates():
     assert float(guided.mean()) > float(conditional.mean()) + 0.5
 
 
+def test_sampling_runs_models_in_eval_mode_and_restores_training():
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model({"arch": "dit", "preset": "DiT-micro/2", "cep_mode": "uniform", "cep_gamma": 5.0})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y, null = {"y": torch.tensor([1, 2])}, {"y": torch.tensor([10, 10])}
+    model.train()
+    torch.manual_seed(1)
+    in_training = sample(model, DIFFUSION, (2, 1, 8, 8), y, null, steps=3, guidance=2.0, generators=generators(2))
+    assert model.training                                            # mode restored
+    model.eval()
+    torch.manual_seed(2)                                             # global RNG (CEP, label dropout) is not used
+    in_eval = sample(model, DIFFUSION, (2, 1, 8, 8), y, null, steps=3, guidance=2.0, generators=generators(2))
+    torch.testing.assert_close(in_training, in_eval, rtol=0, atol=0)
+
+
 def test_learn_sigma_output_uses_first_half():
     mixture = MixtureEps([1.0], [[0.5, -0.5]], [0.3])
     doubled = lambda x, t: torch.cat([mixture(x[:, :2], t), torch.randn_like(x)], dim=1)  # noqa: E731
