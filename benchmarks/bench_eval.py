@@ -5,28 +5,17 @@ feature extraction and every metric; and the hand-written k-NN precision/recall 
     python -m benchmarks.bench_eval [--num 1000 5000] [--dim 64]
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from sklearn.metrics import pairwise_distances_chunked
 from sklearn.neighbors import NearestNeighbors
 
+from benchmarks.bench_models import timed
 from evaluation import metrics
 from evaluation.features import DigitClassifier, extract_features
 from models import build_model
 from models.diffusion import GaussianDiffusion, make_betas, sample
-
-
-def timed(step, repeats=3):
-    """Median wall time of `step` (no warm-up: each call is seconds long and allocation-dominated)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def sklearn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3):
@@ -72,10 +61,10 @@ def metric_table(num: int, dim: int) -> None:
     print(f"\n| metric (N = {num}, dim {dim}) | seconds | seconds per 1,000 samples |")
     print("|---|---|---|")
     for name, step in rows.items():
-        seconds = timed(step)
+        seconds = timed(step, 3)
         print(f"| {name} | {seconds:.3f} | {seconds * per_1000:.3f} |")
-    ours = timed(lambda: metrics.precision_recall(real, fake))
-    peer = timed(lambda: sklearn_precision_recall(real.numpy(), fake.numpy()))
+    ours = timed(lambda: metrics.precision_recall(real, fake), 3)
+    peer = timed(lambda: sklearn_precision_recall(real.numpy(), fake.numpy()), 3)
     assert np.allclose(metrics.precision_recall(real, fake), sklearn_precision_recall(real.numpy(), fake.numpy()))
     print(f"\nprecision/recall N={num}: ours {ours:.3f} s, scikit-learn peer {peer:.3f} s, "
           f"speed-up {peer / ours:.2f}x (same values)")
@@ -91,7 +80,7 @@ def main(argv=None) -> None:
     images = torch.rand(1000, 1, 8, 8)
     extractor = DigitClassifier().eval()
     print(f"feature extraction (digits classifier): "
-          f"{timed(lambda: extract_features(extractor, images)):.3f} s per 1,000 images")
+          f"{timed(lambda: extract_features(extractor, images), 3):.3f} s per 1,000 images")
     for num in args.num:
         metric_table(num, args.dim)
 

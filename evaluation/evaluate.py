@@ -145,7 +145,7 @@ def evaluate(args) -> list[dict]:
         reference = load_reference(config)
         extractor, extractor_info = build_extractor(args, reference)
         real = extract_features(extractor, reference["reference_images"])
-        train = extract_features(extractor, reference["train_images"])
+        train = extract_features(extractor, reference["train_images"], keys=("pool",))
         vq_model, vq_mode = vq_source(args, sampler)
         text_tower = TextTower(args.text_tower) if args.text_tower else None
         reference_seconds = time.perf_counter() - start

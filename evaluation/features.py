@@ -63,8 +63,10 @@ def _state_fingerprint(module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def extract_features(extractor: nn.Module, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Run `extractor` over all images in batches; returns float64 features on the CPU, keyed as FEATURE_KEYS."""
+def extract_features(extractor: nn.Module, images, batch_size: int = 256,
+                     keys: tuple[str, ...] = FEATURE_KEYS) -> dict[str, torch.Tensor]:
+    """Run `extractor` over all images in batches; returns the float64 CPU features named in `keys` that the
+    extractor provides (a large training set needs only "pool": spatial features would cost N x S doubles)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     images = images_to_tensor(images)
@@ -75,7 +77,8 @@ def extract_features(extractor: nn.Module, images, batch_size: int = 256) -> dic
     for start in range(0, len(images), batch_size):
         out = extractor(images[start:start + batch_size])
         for key, value in out.items():
-            chunks.setdefault(key, []).append(value.detach().double().cpu())
+            if key in keys:
+                chunks.setdefault(key, []).append(value.detach().double().cpu())
     return {key: torch.cat(values) for key, values in chunks.items()}
 
 

@@ -53,6 +53,7 @@ def test_extract_features_shapes_and_batching(classifier, digits):
     whole = features.extract_features(model, digits[2][:50], batch_size=50)
     assert all(torch.allclose(out[k], whole[k], atol=1e-6) for k in out)
     assert out["pool"].dtype == torch.float64
+    assert set(features.extract_features(model, digits[2][:5], keys=("pool",))) == {"pool"}
 
 
 def test_scripted_extractor_roundtrip(classifier, digits, tmp_path):
