@@ -87,6 +87,23 @@ def write_json(path, data: dict) -> None:
     atomic_write(Path(path), lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def record_config(run_dir: Path, config: dict) -> None:
+    """Writes run_dir/config.json on rank 0. Every rank first refuses a run dir that holds a different run's config,
+    so re-running a command resumes it but never mixes two experiments."""
+    from training import distributed
+    from training.presets import resume_differences
+
+    config_file = Path(run_dir) / "config.json"
+    if config_file.exists():
+        differences = resume_differences(json.loads(config_file.read_text()), config)
+        if differences:
+            raise ValueError(f"--run-dir {run_dir} holds a run with a different config ({', '.join(differences)}); "
+                             f"use a new --run-dir or the original flags")
+    distributed.barrier()
+    if distributed.get_rank() == 0:
+        write_json(config_file, config)
+
+
 def export_ema(run_dir, ema_parts: dict, config: dict) -> None:
     """run_dir/ema.safetensors (denoiser weights) + run_dir/ema.json (the run config, to rebuild the model), and for
     text runs run_dir/text_encoder/ (the EMA text encoder, TextEncoder.save_pretrained layout)."""

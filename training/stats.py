@@ -30,6 +30,12 @@ class RunLogger:
                 handle.write(json.dumps(record) + "\n")
 
 
+def crossed(images_seen: int, batch: int, interval: int) -> bool:
+    """True when the last step (of `batch` images) crossed a multiple of `interval` images: status, checkpoint and
+    sample ticks fall on the same images whatever the batch size."""
+    return images_seen // interval > (images_seen - batch) // interval
+
+
 def save_image_grid(images: torch.Tensor, path, columns: int | None = None) -> None:
     """Float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> one PNG grid."""
     count = images.shape[0]

@@ -27,15 +27,15 @@ from models import build_model
 from models.text_encoder import TextEncoder
 from models.diffusion import sample
 from training import distributed
-from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                 write_json)
+from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, record_config,
+                                 save_checkpoint)
 from training.corruption import random_flip
 from training.data import DataOrder, hash_seed, template_captions
 from training.ema import EMA
 from training.prepare import model_input_shape, prepare
-from training.presets import build_diffusion, load_preset, resume_differences, set_path
+from training.presets import build_diffusion, load_preset, set_path
 from training.regularizers import attach_embedding_regularizers
-from training.stats import RunLogger, save_image_grid
+from training.stats import RunLogger, crossed, save_image_grid
 from training.text import NULL_CAPTION, TextConditionedDenoiser, drop_captions, parts
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -208,15 +208,7 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     logger = RunLogger(run_dir, rank)
     config, data = prepare(config, run_dir, rank, device)
     training, logging = config["training"], config["logging"]
-    config_file = run_dir / "config.json"
-    if config_file.exists():
-        differences = resume_differences(json.loads(config_file.read_text()), config)
-        if differences:
-            raise ValueError(f"--run-dir {run_dir} holds a run with a different config ({', '.join(differences)}); "
-                             f"use a new --run-dir or the original flags")
-    distributed.barrier()
-    if rank == 0:
-        write_json(config_file, config)
+    record_config(run_dir, config)
 
     torch.manual_seed(hash_seed(config["seed"], 0xA11))  # weights: identical init on every rank
     net = build_model(config["model"])
@@ -345,11 +337,6 @@ def samples_path(run_dir: Path, images_seen: int) -> Path:
 def ema_key(part: str) -> str:
     """Checkpoint entry of a part's EMA: "ema" for the denoiser (what load_ema_model reads), "ema_<part>" else."""
     return "ema" if part == "model" else f"ema_{part}"
-
-
-def crossed(images_seen: int, batch: int, interval: int) -> bool:
-    """True when the last step crossed a multiple of `interval` images."""
-    return images_seen // interval > (images_seen - batch) // interval
 
 
 def net_no_sync(model):

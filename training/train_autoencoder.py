@@ -18,10 +18,9 @@ import torch.distributed as dist
 
 from models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_autoencoder
 from training import distributed
-from training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint, write_json
+from training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, record_config, save_checkpoint
 from training.data import DataOrder, augment, hash_seed, load_dataset
-from training.presets import resume_differences
-from training.stats import RunLogger, save_image_grid
+from training.stats import RunLogger, crossed, save_image_grid
 
 SCALE_FIT_IMAGES = 1024
 
@@ -72,13 +71,8 @@ def train_autoencoder(config: dict, run_dir: Path) -> dict:
     training, data = config["training"], config["data"]
     if training["batch_size"] % world_size:
         raise ValueError(f"--batch-size {training['batch_size']} must be divisible by processes ({world_size})")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_file = run_dir / "config.json"
-        if config_file.exists() and (differences := resume_differences(json.loads(config_file.read_text()), config)):
-            raise ValueError(f"--run-dir {run_dir} holds a run with a different config ({', '.join(differences)})")
-        write_json(config_file, config)
-    distributed.barrier()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_config(run_dir, config)
     logger = RunLogger(run_dir, rank)
     dataset = load_dataset(data["dataset"], data["path"], "train", data["image_size"], data["channels"],
                            data["resize"])
@@ -114,8 +108,7 @@ def train_autoencoder(config: dict, run_dir: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         images_seen += training["batch_size"]
         done = images_seen >= training["total_images"]
-        interval = config["logging"]["checkpoint_every_images"]
-        if done or images_seen // interval > (images_seen - training["batch_size"]) // interval:
+        if done or crossed(images_seen, training["batch_size"], config["logging"]["checkpoint_every_images"]):
             seconds, started = time.perf_counter() - started, time.perf_counter()
             record = {"images_seen": images_seen, **stats, "seconds": seconds}
             logger.stats(record)
