@@ -17,10 +17,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from models.autoencoder import load_autoencoder
 from models.diffusion import SAMPLERS, sample
 from training import distributed
-from training.checkpoint import load_ema_model
+from training.checkpoint import load_ema_model, load_ema_text_encoder
+from training.latents import autoencoder_file
 from training.presets import build_diffusion
+from training.text import NULL_CAPTION
 
 
 #################################################################################
@@ -45,11 +48,12 @@ class Conditioner:
         self.num_classes = model.get("num_classes", 0)
         self.prompts, self.device, self.text_encoder = prompts, device, None
         if prompts is not None:
-            directory = Path(run_dir) / "text_encoder"
-            if not directory.is_dir():
-                raise ValueError(f"prompts: run {run_dir} has no text_encoder/ directory to encode prompts with")
-            from models.text_encoder import TextEncoder
-            self.text_encoder = TextEncoder.from_pretrained(directory).to(device).eval()
+            if data.get("condition") != "text":
+                raise ValueError(f"prompts: run {run_dir} is not text-conditional (data.condition = "
+                                 f"{data.get('condition')!r})")
+            self.text_encoder = load_ema_text_encoder(run_dir, device)
+        elif data.get("condition") == "text":
+            raise ValueError(f"prompts: run {run_dir} is text-conditional; pass a prompt file")
         # Paper 2's control metadata at sampling time: the full, unflipped image at its native size.
         self.control = None
         if model.get("control_dim", 0):
@@ -62,7 +66,7 @@ class Conditioner:
         if self.text_encoder is not None:
             prompts = [self.prompts[s % len(self.prompts)] for s in seeds]
             kwargs["context"], kwargs["context_mask"] = self.text_encoder.encode(prompts)
-            null_kwargs["context"], null_kwargs["context_mask"] = self.text_encoder.encode([""] * count)
+            null_kwargs["context"], null_kwargs["context_mask"] = self.text_encoder.encode([NULL_CAPTION] * count)
         elif self.num_classes:
             labels = torch.tensor(seeds, device=self.device) % self.num_classes
             kwargs["y"] = labels
@@ -73,18 +77,10 @@ class Conditioner:
 
 
 def load_decoder(config: dict, device="cpu"):
-    """The run's autoencoder for latent (LDM) runs, else None. config["latent"]["autoencoder"] is a checkpoint file
-    written by models.autoencoder.save_autoencoder, or a directory holding one as autoencoder.pt."""
-    latent = config.get("latent")
-    if not latent:
+    """The run's autoencoder for latent (LDM) runs (config["latent"]["autoencoder"]), else None."""
+    if not config.get("latent"):
         return None
-    from models.autoencoder import load_autoencoder
-    path = Path(latent["autoencoder"] if isinstance(latent, dict) else latent)
-    if path.is_dir():
-        path = path / "autoencoder.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"config.latent.autoencoder: no autoencoder checkpoint at {path}")
-    return load_autoencoder(path, map_location=device)[0]
+    return load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)[0]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -121,6 +121,21 @@ def test_torchrun_two_ranks_match_one_process(sampler, run_dir, tmp_path):
     assert np.array_equal(images_in(folder, list(range(6))), single_process)
 
 
+def test_prompts_condition_a_text_run(tmp_path):
+    run = tmp_path / "text-run"
+    config, _, _ = parse_args(["--preset", "text-tiny-digits", *TINY_RUN[2:], "--run-dir", str(run)])
+    train(config, run, progress=False)
+    prompts = ["a photo of a 3.", "a photo of a 7."]
+    sampler = Sampler(run, prompts)
+    kwargs, null_kwargs, labels, used = sampler.conditioner([0, 1, 2])
+    assert used == [prompts[0], prompts[1], prompts[0]] and labels is None
+    assert kwargs["context"].shape[0] == 3 and not torch.equal(kwargs["context"], null_kwargs["context"])
+    generate(sampler, tmp_path / "out", [0, 1, 2], 2.0, "ddim", 2, batch_size=2, progress=False)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    with pytest.raises(ValueError, match="prompts"):
+        Sampler(run)                                             # a text run needs prompts
+
+
 def test_bad_inputs(sampler, run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="run_dir"):
         Sampler(tmp_path / "no-run")
