@@ -61,14 +61,15 @@ void tile_scores(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t 
 }
 
 // Forward of one (batch, head, query tile) item: online softmax over key tiles, accumulating straight into `out`.
+// The first tile overwrites `out` (beta = 0) and the last one folds the normalisation 1/l into P and into the
+// rescaling of earlier tiles, so `out` is never zeroed or re-scaled in separate passes.
 template <typename T>
 void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t nt, T* out, T* lse, T* buffer) {
   const int64_t dh = p.s.head_dim;
   T* out_rows = out + ((b * p.s.heads + h) * p.s.queries + n0) * dh;
   T* lse_rows = lse + (b * p.s.heads + h) * p.s.queries + n0;
   at::Tensor acc = view(out_rows, nt, dh, dh);
-  acc.zero_();
-  T* row_max = buffer;              // running max m_i
+  T* row_max = buffer;               // running max m_i
   T* row_sum = buffer + kQueryTile;  // running sum l_i
   T* correction = buffer + 2 * kQueryTile;
   T* scores_ptr = buffer + 3 * kQueryTile;
@@ -76,20 +77,24 @@ void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t
   std::fill(row_sum, row_sum + nt, T(0));
   for (int64_t m0 = 0; m0 < p.s.tokens; m0 += kKeyTile) {
     const int64_t mt = std::min(kKeyTile, p.s.tokens - m0);
+    const bool first = m0 == 0, last = m0 + mt == p.s.tokens;
     at::Tensor scores = view(scores_ptr, nt, mt, mt);
     tile_scores(p, b, h, n0, nt, m0, mt, scores);
     online_softmax_tile(scores_ptr, nt, mt, row_max, row_sum, correction);
     for (int64_t i = 0; i < nt; ++i) {
-      if (correction[i] == T(1)) continue;
+      if (last) {
+        const T inv = row_sum[i] > 0 ? T(1) / row_sum[i] : T(0);  // fully masked row -> 0
+        T* prob_row = scores_ptr + i * mt;
+        for (int64_t j = 0; j < mt; ++j) prob_row[j] *= inv;
+        correction[i] *= inv;
+      }
+      if (first || correction[i] == T(1)) continue;
       T* acc_row = out_rows + i * dh;
       for (int64_t d = 0; d < dh; ++d) acc_row[d] *= correction[i];
     }
-    acc.addmm_(scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()));
+    acc.addmm_(scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()), /*beta=*/first ? 0 : 1);
   }
   for (int64_t i = 0; i < nt; ++i) {
-    T* acc_row = out_rows + i * dh;
-    const T inv = row_sum[i] > 0 ? T(1) / row_sum[i] : T(0);  // fully masked row -> 0
-    for (int64_t d = 0; d < dh; ++d) acc_row[d] *= inv;
     lse_rows[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : kMinusInf<T>;
   }
 }

@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 
 #include "cep.h"
+#include "multiversion.h"
 #include "philox.h"
 
 namespace cep {
@@ -14,12 +15,7 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // elements per noise buffer (a multiple of 4, fits in L1)
 
-// The uniform stream is the hot path (CEP-U at gamma = 1 in the paper); GCC's function multi-versioning picks the
-// widest vector ISA of the running CPU at load time, so one portable build still gets AVX-512 where available.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void fill_uniform_blocks(float* noise, uint64_t first_block, int64_t num_blocks, uint64_t seed) {
+CEP_ALWAYS_INLINE void fill_uniform_blocks(float* noise, uint64_t first_block, int64_t num_blocks, uint64_t seed) {
   for (int64_t b = 0; b < num_blocks; ++b) {
     uint32_t words[4];
     philox4x32_10(first_block + b, seed, words);
@@ -32,7 +28,8 @@ void fill_gaussian_blocks(float* noise, uint64_t first_block, int64_t num_blocks
 }
 
 template <typename scalar_t>
-void perturb_range(const scalar_t* x, scalar_t* out, int64_t begin, int64_t end, const Stream& stream) {
+CEP_ALWAYS_INLINE void perturb_range_impl(const scalar_t* x, scalar_t* out, int64_t begin, int64_t end,
+                                          const Stream& stream) {
   using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp16/bf16/fp32, fp64 for fp64
   const acc_t scale = static_cast<acc_t>(stream.scale);
   alignas(64) float noise[kChunk + 8];
@@ -41,12 +38,28 @@ void perturb_range(const scalar_t* x, scalar_t* out, int64_t begin, int64_t end,
     const uint64_t first = stream.offset + static_cast<uint64_t>(start);
     const int64_t lead = static_cast<int64_t>(first & 3);  // element `first` is lane `lead` of its Philox call
     const int64_t num_blocks = (lead + count + 3) / 4;
-    (stream.gaussian ? fill_gaussian_blocks : fill_uniform_blocks)(noise, first >> 2, num_blocks, stream.seed);
+    if (stream.gaussian) {
+      fill_gaussian_blocks(noise, first >> 2, num_blocks, stream.seed);
+    } else {
+      fill_uniform_blocks(noise, first >> 2, num_blocks, stream.seed);
+    }
     const float* window = noise + lead;
     for (int64_t i = 0; i < count; ++i) {
       out[start + i] = static_cast<scalar_t>(static_cast<acc_t>(x[start + i]) + scale * static_cast<acc_t>(window[i]));
     }
   }
+}
+
+// fp32 is the hot path (CEP-U at gamma = 1 in the paper): multi-versioned, so Philox and the add run in AVX2 /
+// AVX-512 vectors where the CPU has them (the uniform stream stays bit-identical: its mapping is exact).
+CEP_TARGET_CLONES void perturb_range(const float* x, float* out, int64_t begin, int64_t end, const Stream& stream) {
+  perturb_range_impl(x, out, begin, end, stream);
+}
+
+// fp16 / bf16 / fp64 (overload resolution prefers the fp32 function above for float).
+template <typename scalar_t>
+void perturb_range(const scalar_t* x, scalar_t* out, int64_t begin, int64_t end, const Stream& stream) {
+  perturb_range_impl(x, out, begin, end, stream);
 }
 
 }  // namespace

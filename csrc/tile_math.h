@@ -1,6 +1,6 @@
 // Row-wise softmax pieces of the CPU attention tiles. Written by hand because ATen's exp_ on a tile view costs a
 // dispatch per call and ATen's Vectorized<float> needs per-ISA builds of the including file; these loops are
-// branch-free, so GCC vectorizes them, and target_clones picks AVX-512 / AVX2 / baseline code at load time.
+// branch-free, so GCC vectorizes them, multi-versioned for AVX-512 / AVX2 / baseline (multiversion.h).
 #pragma once
 #include <algorithm>
 #include <bit>
@@ -8,13 +8,7 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define CEP_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define CEP_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define CEP_TARGET_CLONES
-#define CEP_ALWAYS_INLINE inline
-#endif
+#include "multiversion.h"
 
 namespace cep {
 
