@@ -94,7 +94,9 @@ class ClassEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"y must be an integer tensor [B], got {getattr(labels, 'shape', labels)!r}")
-        if labels.device.type != "meta" and bool(((labels < 0) | (labels > self.num_classes)).any()):
+        # Value check skipped where it cannot run (meta tensors) or would break a torch.compile graph.
+        checkable = labels.device.type != "meta" and not torch.compiler.is_compiling()
+        if checkable and bool(((labels < 0) | (labels > self.num_classes)).any()):
             raise ValueError(f"y must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
