@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 save_checkpoint)
+                                 resolve_checkpoint, save_checkpoint)
 from training.ema import EMA
 
 
@@ -37,6 +37,15 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not a cepdiff"):
         load_checkpoint(tmp_path / "foreign.pt")
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_resolve_checkpoint_names_the_flag(tmp_path):
+    with pytest.raises(CheckpointError, match="--init-from .* has no checkpoints"):
+        resolve_checkpoint(tmp_path)
+    save_checkpoint(tmp_path, 5, state(1.0))
+    assert resolve_checkpoint(tmp_path).name == "ckpt-000000005.pt"
+    with pytest.raises(CheckpointError, match="--other .*nope does not exist"):
+        resolve_checkpoint(tmp_path / "nope", "--other")
 
 
 def test_interrupted_write_keeps_previous(tmp_path):

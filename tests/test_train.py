@@ -168,7 +168,7 @@ def test_repeated_nonfinite_loss_aborts(tmp_path, monkeypatch):
     (["--cep-gamma", "-1"], ValueError, "gamma"),
     (["--dataset", "/nonexistent/data"], DatasetError, "/nonexistent/data"),
     (["--dataset", "mnist", "--data-path", "/nonexistent"], DatasetError, "/nonexistent/mnist.npz"),
-    (["--init-from", "/nonexistent/run"], CheckpointError, "/nonexistent/run"),
+    (["--init-from", "/nonexistent/run"], CheckpointError, "--init-from /nonexistent/run does not exist"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
@@ -188,7 +188,11 @@ def test_resolution_transfer_from_a_lower_resolution_run(tmp_path):
     main([*TINY, "--run-dir", str(low), "--total-images", "32"])
     high = tmp_path / "high"
     main([*TINY, "--run-dir", str(high), "--total-images", "32", "--image-size", "16", "--init-from", str(low),
-          "--resolution-shift", "2.0", "--set", "model.pos_embed_base_size=8"])
+          "--resolution-shift", "2.0"])
     config = json.loads((high / "config.json").read_text())
     assert config["model"]["input_size"] == 16 and config["diffusion"]["resolution_shift"] == 2.0
+    assert config["model"]["pos_embed_base_size"] == 8  # interpolated to the source grid by default
+    low_state, high_state = load_checkpoint(latest_checkpoint(low)), load_checkpoint(latest_checkpoint(high))
+    # same parameter shapes at both resolutions: DiT's positional table is recomputed, not stored
+    assert {k: v.shape for k, v in low_state["model"].items()} == {k: v.shape for k, v in high_state["model"].items()}
     assert "initialised from the EMA weights" in (high / "log.txt").read_text()

@@ -40,6 +40,19 @@ def latest_checkpoint(run_dir) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def resolve_checkpoint(source, flag: str = "--init-from") -> Path:
+    """A checkpoint file, or the newest checkpoint of a run dir; errors name the flag."""
+    path = Path(source)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{flag} {source}: the run dir has no checkpoints/ckpt-*.pt")
+        return latest
+    if not path.is_file():
+        raise CheckpointError(f"{flag} {source} does not exist")
+    return path
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(temporary_path)` then fsync and rename: a crash leaves either the old file or the new one."""
     path = Path(path)

@@ -1,5 +1,6 @@
 """Everything a run needs before its first step: the data set (with its fixed condition corruption, saved in the run
 dir), the input source (pixels, or latents encoded once), and a run config completed with the data's shape."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int
         model["context_dim"] = config["text_encoder"]["width"]
         if model.get("arch") == "dit":
             model["cond_mode"] = "cross-attention"
+    return config
+
+
+def transfer_defaults(config: dict) -> dict:
+    """With --init-from on a DiT, positions are interpolated to the source run's grid unless set explicitly
+    (paper 2 §2.2: interpolation beats extrapolation). The noise-schedule shift stays an explicit setting."""
+    model = config["model"]
+    if not config.get("init_from") or model.get("arch") != "dit" or "pos_embed_base_size" in model:
+        return config
+    from training.checkpoint import load_checkpoint, resolve_checkpoint
+
+    source = Path(config["init_from"])
+    if (source / "config.json").is_file():  # a run dir: read its config, not a (possibly huge) checkpoint
+        source_model = json.loads((source / "config.json").read_text())["model"]
+    else:
+        source_model = load_checkpoint(resolve_checkpoint(source))["config"]["model"]
+    model["pos_embed_base_size"] = source_model.get("pos_embed_base_size") or source_model["input_size"]
     return config
 
 
@@ -101,7 +119,7 @@ def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict
         latent_shape = source.shape
     else:
         source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
-    config = complete_config(config, dataset, latent_shape)
+    config = transfer_defaults(complete_config(config, dataset, latent_shape))
     training_data = corrupt_conditions(config, dataset, run_dir, rank)
     training_data.source = source
     return config, training_data

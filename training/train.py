@@ -28,7 +28,7 @@ from models.text_encoder import TextEncoder
 from models.diffusion import sample
 from training import distributed
 from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, record_config,
-                                 save_checkpoint)
+                                 resolve_checkpoint, save_checkpoint)
 from training.corruption import random_flip
 from training.data import DataOrder, hash_seed, template_captions
 from training.ema import EMA
@@ -162,9 +162,7 @@ def init_from(model: torch.nn.Module, source: str, logger: RunLogger) -> None:
     """Resolution transfer (paper 2 §2.2): start from another run's EMA weights. The DiT positional embedding is not
     stored but recomputed from the config (interpolated when model.pos_embed_base_size is set), so a
     lower-resolution checkpoint loads as is; the noise-schedule shift is the diffusion.resolution_shift setting."""
-    path = Path(source)
-    if path.is_dir():
-        path = latest_checkpoint(path) or path / "checkpoints" / "missing"
+    path = resolve_checkpoint(source)
     state = load_checkpoint(path)
     for name, module in parts(model).items():
         try:
