@@ -223,16 +223,8 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
 
     latest = distributed.broadcast_object(str(latest_checkpoint(run_dir) or "") if rank == 0 else None)
     if latest:
-        state = load_checkpoint(latest, map_location=device)
-        for name, module in parts(net).items():
-            module.load_state_dict(state[name])
-        for name, module in parts(ema.model).items():
-            module.load_state_dict(state[ema_key(name)])
-        ema.num_updates.fill_(state["ema_num_updates"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        images_seen, nonfinite_total = state["images_seen"], state["nonfinite_total"]
-        nonfinite_streak = state["nonfinite_streak"]
+        counters = load_training_state(load_checkpoint(latest, map_location=device), net, ema, optimizer, scaler)
+        images_seen, nonfinite_total, nonfinite_streak = counters
         logger.log(f"resumed from {latest} at {images_seen} images")
     elif config.get("init_from"):
         init_from(net, config["init_from"], logger)
@@ -255,13 +247,7 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     def save(final: bool = False) -> None:
         distributed.check_consistency(net)
         if rank == 0:
-            state = {"config": config, "images_seen": images_seen, "ema_num_updates": int(ema.num_updates),
-                     **{name: module.state_dict() for name, module in parts(net).items()},
-                     **{ema_key(name): module.state_dict() for name, module in parts(ema.model).items()},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "nonfinite_total": nonfinite_total, "nonfinite_streak": nonfinite_streak,
-                     # Data order and every random draw derive from (seed, rank, images_seen): nothing else to store.
-                     "rng": {"seed": config["seed"], "scheme": "hash(seed, rank, images_seen, round)"}}
+            state = training_state(config, net, ema, optimizer, scaler, images_seen, nonfinite_total, nonfinite_streak)
             path = save_checkpoint(run_dir, images_seen, state, logging["keep_checkpoints"])
             export_ema(run_dir, parts(ema.model), config)
             logger.log(f"saved {path.name}{' (final)' if final else ''}")
@@ -284,7 +270,7 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
                                       enabled=autocast_dtype is not None):
                 loss = diffusion.training_losses(model, x0, kwargs, input_perturbation=training["input_perturbation"],
                                                  generator=generator).mean()
-                scaler.scale(loss / training["grad_accum"]).backward()
+                scaler.scale(loss / training["grad_accum"]).backward()  # DDP all-reduces on the last round
             loss_sum += loss.detach().float()
         finite = distributed.all_reduce_mean(torch.isfinite(loss_sum).float()) == 1  # all ranks agree
         images_seen += training["batch_size"]
@@ -326,6 +312,29 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
         save_samples(ema.model, diffusion, config, data, samples_path(run_dir, images_seen), device)
     distributed.barrier()
     return record
+
+
+def training_state(config, net, ema, optimizer, scaler, images_seen, nonfinite_total, nonfinite_streak) -> dict:
+    """Everything an exact resume needs, as tensors and plain Python values (torch.load(weights_only=True))."""
+    return {"config": config, "images_seen": images_seen, "ema_num_updates": int(ema.num_updates),
+            **{name: module.state_dict() for name, module in parts(net).items()},
+            **{ema_key(name): module.state_dict() for name, module in parts(ema.model).items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "nonfinite_total": nonfinite_total, "nonfinite_streak": nonfinite_streak,
+            # The data order and every random draw derive from (seed, rank, images_seen): nothing else to store.
+            "rng": {"seed": config["seed"], "scheme": "hash(seed, rank, images_seen, accumulation round)"}}
+
+
+def load_training_state(state, net, ema, optimizer, scaler) -> tuple[int, int, int]:
+    """Inverse of training_state; returns (images seen, non-finite steps in total, in a row)."""
+    for name, module in parts(net).items():
+        module.load_state_dict(state[name])
+    for name, module in parts(ema.model).items():
+        module.load_state_dict(state[ema_key(name)])
+    ema.num_updates.fill_(state["ema_num_updates"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state["images_seen"], state["nonfinite_total"], state["nonfinite_streak"]
 
 
 def samples_path(run_dir: Path, images_seen: int) -> Path:
