@@ -60,3 +60,12 @@ def test_merge_rejects_unknown_sections_and_resume_differences():
     a = load_preset("dit-tiny-digits")
     b = merge(a, {"training": {"total_images": 5, "lr": 1.0}, "logging": {"log_every_images": 7}})
     assert resume_differences(a, b) == ["training.lr"]
+
+
+def test_design_command_corrupts_symmetrically():
+    """DESIGN.md's command gives only --corruption-ratio: the paper's symmetric flips are the default kind."""
+    from training.train import parse_args
+    config, _, _ = parse_args(["--preset", "dit-tiny-digits", "--corruption-ratio", "0.05", "--cep", "uniform",
+                               "--cep-gamma", "1.0", "--run-dir", "unused"])
+    assert config["corruption"] == {"kind": "symmetric", "ratio": 0.05, "classes": None}
+    assert config["model"]["cep_mode"] == "uniform" and config["model"]["cep_gamma"] == 1.0

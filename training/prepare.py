@@ -80,6 +80,8 @@ def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None
     kind, eta = corruption["kind"], check_ratio(corruption["ratio"])
     if kind not in CORRUPTION_KINDS:
         raise ValueError(f"--corruption must be one of {CORRUPTION_KINDS}, got {kind!r}")
+    if eta == 0:
+        kind = "none"
     seed = hash_seed(config["seed"], 0xC0)
     labels, captions, prior = dataset.labels, None, None
     if condition == "text":

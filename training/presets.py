@@ -21,7 +21,8 @@ DEFAULTS = {
              "condition": "class", "control": False},
     "latent": None,
     "text_encoder": None,
-    "corruption": {"kind": "none", "ratio": 0.0, "classes": None},
+    # Paper 1's main setting; nothing is corrupted while the ratio is 0, so --corruption-ratio alone turns it on.
+    "corruption": {"kind": "symmetric", "ratio": 0.0, "classes": None},
     "training": {"batch_size": 64, "grad_accum": 1, "total_images": 64_000, "lr": 1e-4, "warmup_images": 0,
                  "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "ema_decay": 0.9999,
                  "ema_warmup": True, "precision": "fp32", "compile": False, "input_perturbation": 0.0,

@@ -47,7 +47,7 @@ FLAGS = (
     ("--image-size", "data.image_size", int, "model resolution in pixels"),
     ("--hflip", "data.hflip", bool, "random horizontal flips (emitted as control metadata)"),
     ("--random-crop", "data.random_crop", bool, "random crops (emitted as control metadata)"),
-    ("--corruption", "corruption.kind", str, "none | symmetric | asymmetric | random | caption-swap"),
+    ("--corruption", "corruption.kind", str, "symmetric (default) | asymmetric | random | caption-swap | none"),
     ("--corruption-ratio", "corruption.ratio", float, "eta in [0, 1)"),
     ("--corruption-classes", "corruption.classes", "ints", "class subset for asymmetric flips, e.g. 1,3,5"),
     ("--cep", "model.cep_mode", str, "CEP noise: none | uniform | gaussian"),
@@ -147,7 +147,7 @@ def model_inputs(data, config, indices, generator, device) -> tuple[torch.Tensor
     kwargs = {}
     if data.labels is not None:
         labels = data.labels[indices]
-        if config["corruption"]["kind"] == "random":  # on-the-fly baseline (Table 7), fresh every step
+        if config["corruption"]["kind"] == "random" and config["corruption"]["ratio"] > 0:  # Table 7 baseline
             labels = random_flip(labels, config["corruption"]["ratio"], data.prior, generator)
         kwargs["y"] = labels.to(device)
     elif data.captions is not None:
