@@ -66,11 +66,29 @@ def test_unet_with_cep_gaussian(tmp_path):
     ["--input-perturbation", "0.1"],
     ["--cond-dropout", "0.1", "--label-smoothing", "0.1", "--corruption", "random"],
     ["--grad-accum", "2", "--precision", "bf16", "--warmup-images", "32", "--hflip"],
+    ["--precision", "fp16"],
+    ["--set", "model.cond_mode=cross-attention", "--set", "model.control_dim=5", "--hflip"],
 ])
 def test_baselines_and_precision(tmp_path, flags):
     main([*TINY, "--run-dir", str(tmp_path), "--total-images", "32", *flags])
     state = load_checkpoint(latest_checkpoint(tmp_path))
     assert state["images_seen"] == 32 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_image_folder_with_random_crops_and_control(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (12, 14, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    run_dir = tmp_path / "run"
+    main([*TINY, "--run-dir", str(run_dir), "--dataset", str(tmp_path / "data"), "--set", "data.channels=3",
+          "--random-crop", "--set", "data.crop_margin=2", "--hflip", "--set", "model.control_dim=5",
+          "--corruption-ratio", "0.25", "--total-images", "32"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["class_names"] == ["a", "b"] and config["model"]["in_channels"] == 3
+    assert len(np.load(run_dir / "corruption.npz")["corrupted_indices"]) == 2  # 25 % of 8
 
 
 def test_label_smoothing_and_dropout_change_the_embedding():

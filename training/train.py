@@ -104,10 +104,13 @@ def parse_args(argv=None) -> tuple[dict, Path, bool]:
             set_path(config, key, value)
     for item in args.set:
         key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--set needs KEY=JSON, got {item!r}")
         try:
-            set_path(config, key, json.loads(text)) if sep else parser.error(f"--set needs KEY=JSON, got {item!r}")
+            value = json.loads(text)
         except json.JSONDecodeError:
-            set_path(config, key, text)  # bare strings need no quotes
+            value = text  # bare strings need no quotes
+        set_path(config, key, value)
     return config, Path(args.run_dir), not args.no_progress
 
 
