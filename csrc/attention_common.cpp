@@ -1,9 +1,14 @@
 #include "attention_common.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
 
 namespace cep {
+
+namespace {
 
 PreparedAttention prepare_attention(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
                                     const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
@@ -26,13 +31,56 @@ PreparedAttention prepare_attention(const at::Tensor& q, const at::Tensor& conte
   return r;
 }
 
-TensorQuad attention_input_grads(const PreparedAttention& r, const AttentionShape& s, const at::Tensor& grad_q,
-                                 const at::Tensor& grad_k, const at::Tensor& grad_v, at::ScalarType dtype) {
+void check_device(at::DeviceType device, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(q.device().type() == device, "q must be a ", c10::DeviceTypeName(device),
+                    " tensor for this kernel, got ", q.device());
+}
+
+}  // namespace
+
+AttentionForward begin_attention_forward(at::DeviceType device, const at::Tensor& q, const at::Tensor& context,
+                                         const at::Tensor& w_k, const at::Tensor& w_v,
+                                         const std::optional<at::Tensor>& key_mask, double gamma,
+                                         c10::string_view mode, int64_t seed, int64_t offset, int64_t dim) {
+  AttentionForward f;
+  f.s = check_attention(q, context, w_k, w_v, key_mask);
+  check_device(device, q);
+  check_stream(gamma, mode, seed, offset, dim, context.numel());
+  f.r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  f.out = at::empty({f.s.batch, f.s.heads, f.s.queries, f.s.head_dim}, f.r.q.options());
+  f.lse = at::empty({f.s.batch, f.s.heads, f.s.queries}, f.r.q.options());
+  return f;
+}
+
+AttentionBackward begin_attention_backward(at::DeviceType device, const at::Tensor& grad_out, const at::Tensor& q,
+                                           const at::Tensor& context, const at::Tensor& w_k, const at::Tensor& w_v,
+                                           const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
+                                           const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
+                                           int64_t offset, int64_t dim) {
+  AttentionBackward b;
+  b.s = check_attention(q, context, w_k, w_v, key_mask);
+  check_backward(b.s, q, grad_out, out, lse);
+  check_device(device, q);
+  check_stream(gamma, mode, seed, offset, dim, context.numel());
+  b.r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const auto ct = b.r.q.scalar_type();
+  b.grad_out = grad_out.to(ct).contiguous();
+  b.out = out.to(ct).contiguous();
+  b.lse = lse.to(ct).contiguous();
+  b.grad_q = at::empty_like(b.r.q);
+  b.grad_k = at::zeros_like(b.r.k);
+  b.grad_v = at::zeros_like(b.r.v);
+  return b;
+}
+
+TensorQuad attention_input_grads(const AttentionBackward& b, at::ScalarType dtype) {
+  const AttentionShape& s = b.s;
   const int64_t width = s.heads * s.head_dim;
-  const at::Tensor dk = grad_k.view({-1, width}), dv = grad_v.view({-1, width});
-  const at::Tensor noisy = r.noisy_context.view({-1, s.channels});
-  const at::Tensor grad_context = at::mm(dk, r.w_k).addmm_(dv, r.w_v).view({s.batch, s.tokens, s.channels});
-  return {grad_q.to(dtype), grad_context.to(dtype), at::mm(dk.t(), noisy).to(dtype), at::mm(dv.t(), noisy).to(dtype)};
+  const at::Tensor dk = b.grad_k.view({-1, width}), dv = b.grad_v.view({-1, width});
+  const at::Tensor noisy = b.r.noisy_context.view({-1, s.channels});
+  const at::Tensor grad_context = at::mm(dk, b.r.w_k).addmm_(dv, b.r.w_v).view({s.batch, s.tokens, s.channels});
+  return {b.grad_q.to(dtype), grad_context.to(dtype), at::mm(dk.t(), noisy).to(dtype),
+          at::mm(dv.t(), noisy).to(dtype)};
 }
 
 }  // namespace cep

@@ -7,11 +7,8 @@
 // Fully masked rows (every key of a batch element masked): output 0, lse = -inf, and zero gradients.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
 
 #include "attention_common.h"
 #include "tile_math.h"
@@ -145,27 +142,19 @@ Problem<T> problem(const AttentionShape& s, const PreparedAttention& r) {
           r.key_mask.defined() ? r.key_mask.const_data_ptr<bool>() : nullptr};
 }
 
-void check_cpu(const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the CPU kernel, got ", q.device());
-}
-
 }  // namespace
 
 TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
                                const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
                                c10::string_view mode, int64_t seed, int64_t offset, int64_t dim) {
-  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
-  check_cpu(q);
-  check_stream(gamma, mode, seed, offset, dim, context.numel());
-  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
-  const auto ct = r.q.scalar_type();
-  at::Tensor out = at::empty({s.batch, s.heads, s.queries, s.head_dim}, r.q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, r.q.options());
+  AttentionForward f =
+      begin_attention_forward(at::kCPU, q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  const AttentionShape& s = f.s;
   const int64_t tiles = (s.queries + kQueryTile - 1) / kQueryTile;
-  AT_DISPATCH_FLOATING_TYPES(ct, "cep_cross_attention_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(s, r);
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(f.r.q.scalar_type(), "cep_cross_attention_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(s, f.r);
+    scalar_t* out_ptr = f.out.data_ptr<scalar_t>();
+    scalar_t* lse_ptr = f.lse.data_ptr<scalar_t>();
     at::parallel_for(0, s.batch * s.heads * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(3 * kQueryTile + kQueryTile * kKeyTile);
       for (int64_t item = begin; item < end; ++item) {
@@ -175,7 +164,7 @@ TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, c
       }
     });
   });
-  return {out.to(q.scalar_type()), lse};
+  return {f.out.to(q.scalar_type()), f.lse};
 }
 
 TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context,
@@ -183,27 +172,22 @@ TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Te
                                         const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
                                         const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
                                         int64_t offset, int64_t dim) {
-  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
-  check_backward(s, q, grad_out, out, lse);
-  check_cpu(q);
-  check_stream(gamma, mode, seed, offset, dim, context.numel());
-  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
-  const auto ct = r.q.scalar_type();
-  const at::Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.to(ct).contiguous();
-  at::Tensor grad_q = at::empty_like(r.q);
-  at::Tensor grad_k = at::zeros_like(r.k), grad_v = at::zeros_like(r.v);
-  AT_DISPATCH_FLOATING_TYPES(ct, "cep_cross_attention_backward_cpu", [&] {
-    const Problem<scalar_t> p = problem<scalar_t>(s, r);
+  AttentionBackward b = begin_attention_backward(at::kCPU, grad_out, q, context, w_k, w_v, key_mask, out, lse,
+                                                 gamma, mode, seed, offset, dim);
+  const AttentionShape& s = b.s;
+  AT_DISPATCH_FLOATING_TYPES(b.r.q.scalar_type(), "cep_cross_attention_backward_cpu", [&] {
+    const Problem<scalar_t> p = problem<scalar_t>(s, b.r);
     at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buffer(kQueryTile + 2 * kQueryTile * kKeyTile);
       for (int64_t bh = begin; bh < end; ++bh) {
-        backward_item(p, bh / s.heads, bh % s.heads, go.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                      l.const_data_ptr<scalar_t>(), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(),
-                      grad_v.data_ptr<scalar_t>(), buffer.data());
+        backward_item(p, bh / s.heads, bh % s.heads, b.grad_out.const_data_ptr<scalar_t>(),
+                      b.out.const_data_ptr<scalar_t>(), b.lse.const_data_ptr<scalar_t>(),
+                      b.grad_q.data_ptr<scalar_t>(), b.grad_k.data_ptr<scalar_t>(), b.grad_v.data_ptr<scalar_t>(),
+                      buffer.data());
       }
     });
   });
-  return attention_input_grads(r, s, grad_q, grad_k, grad_v, q.scalar_type());
+  return attention_input_grads(b, q.scalar_type());
 }
 
 }  // namespace cep

@@ -97,30 +97,24 @@ inline void check_backward(const AttentionShape& s, const at::Tensor& q, const a
   }
 }
 
-// CPU kernels (csrc/perturb_cpu.cpp, csrc/attention_cpu.cpp).
-at::Tensor perturb_cpu(const at::Tensor& x, double gamma, c10::string_view mode, int64_t seed, int64_t offset,
-                       int64_t dim);
-TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
-                               const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
-                               c10::string_view mode, int64_t seed, int64_t offset, int64_t dim);
-TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context,
-                                        const at::Tensor& w_k, const at::Tensor& w_v,
-                                        const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
-                                        const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
-                                        int64_t offset, int64_t dim);
+// The kernels each backend registers (csrc/ops.cpp), with the same signatures on every backend:
+// perturb_cpu / cross_attention_cpu / cross_attention_backward_cpu (csrc/*_cpu.cpp) and the _cuda ones (csrc/cuda/).
+#define CEP_DECLARE_KERNELS(backend)                                                                                \
+  at::Tensor perturb_##backend(const at::Tensor& x, double gamma, c10::string_view mode, int64_t seed,             \
+                               int64_t offset, int64_t dim);                                                        \
+  TensorPair cross_attention_##backend(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,     \
+                                       const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask,           \
+                                       double gamma, c10::string_view mode, int64_t seed, int64_t offset,          \
+                                       int64_t dim);                                                                \
+  TensorQuad cross_attention_backward_##backend(                                                                    \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,          \
+      const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, const at::Tensor& out,                     \
+      const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed, int64_t offset, int64_t dim);
 
+CEP_DECLARE_KERNELS(cpu)
 #ifdef CEP_WITH_CUDA
-// CUDA kernels (csrc/cuda/perturb.cu, csrc/cuda/attention.cu): same signatures and semantics.
-at::Tensor perturb_cuda(const at::Tensor& x, double gamma, c10::string_view mode, int64_t seed, int64_t offset,
-                        int64_t dim);
-TensorPair cross_attention_cuda(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
-                                const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
-                                c10::string_view mode, int64_t seed, int64_t offset, int64_t dim);
-TensorQuad cross_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context,
-                                         const at::Tensor& w_k, const at::Tensor& w_v,
-                                         const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
-                                         const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
-                                         int64_t offset, int64_t dim);
+CEP_DECLARE_KERNELS(cuda)
 #endif
+#undef CEP_DECLARE_KERNELS
 
 }  // namespace cep

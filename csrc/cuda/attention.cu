@@ -8,9 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -214,10 +211,16 @@ Params<T> make_params(const AttentionShape& s, const PreparedAttention& r, int t
           key_tile};
 }
 
-void check_cuda(const AttentionShape& s, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor for the CUDA kernel, got ", q.device());
+void check_head_dim(const AttentionShape& s) {
   TORCH_CHECK_VALUE(s.head_dim <= 32 * kMaxPerLane, "q head_dim must be <= ", 32 * kMaxPerLane,
                     " on CUDA, got ", s.head_dim);
+}
+
+int64_t launch_blocks(const AttentionShape& s) {
+  const int64_t blocks = s.batch * s.heads * ((s.queries + kWarps - 1) / kWarps);
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "q is too large for one launch: B*H*N/",
+                    kWarps, " = ", blocks, " blocks");
+  return blocks;
 }
 
 }  // namespace
@@ -225,24 +228,21 @@ void check_cuda(const AttentionShape& s, const at::Tensor& q) {
 TensorPair cross_attention_cuda(const at::Tensor& q, const at::Tensor& context, const at::Tensor& w_k,
                                 const at::Tensor& w_v, const std::optional<at::Tensor>& key_mask, double gamma,
                                 c10::string_view mode, int64_t seed, int64_t offset, int64_t dim) {
-  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
-  check_cuda(s, q);
-  check_stream(gamma, mode, seed, offset, dim, context.numel());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
-  at::Tensor out = at::empty({s.batch, s.heads, s.queries, s.head_dim}, r.q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads, s.queries}, r.q.options());
-  const int64_t blocks = s.batch * s.heads * ((s.queries + kWarps - 1) / kWarps);
+  AttentionForward f =
+      begin_attention_forward(at::kCUDA, q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
+  check_head_dim(f.s);
+  const int64_t blocks = launch_blocks(f.s);
   if (blocks > 0) {
-    AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "cep_cross_attention_cuda", [&] {
-      const Params<scalar_t> p = make_params<scalar_t>(s, r, 2);
-      const size_t shared = 2 * p.key_tile * s.head_dim * sizeof(scalar_t);
+    AT_DISPATCH_FLOATING_TYPES(f.r.q.scalar_type(), "cep_cross_attention_cuda", [&] {
+      const Params<scalar_t> p = make_params<scalar_t>(f.s, f.r, 2);
+      const size_t shared = 2 * p.key_tile * f.s.head_dim * sizeof(scalar_t);
       forward_kernel<scalar_t><<<blocks, kWarps * 32, shared, at::cuda::getCurrentCUDAStream()>>>(
-          p, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+          p, f.out.data_ptr<scalar_t>(), f.lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {out.to(q.scalar_type()), lse};
+  return {f.out.to(q.scalar_type()), f.lse};
 }
 
 TensorQuad cross_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& context,
@@ -250,28 +250,23 @@ TensorQuad cross_attention_backward_cuda(const at::Tensor& grad_out, const at::T
                                          const std::optional<at::Tensor>& key_mask, const at::Tensor& out,
                                          const at::Tensor& lse, double gamma, c10::string_view mode, int64_t seed,
                                          int64_t offset, int64_t dim) {
-  const AttentionShape s = check_attention(q, context, w_k, w_v, key_mask);
-  check_backward(s, q, grad_out, out, lse);
-  check_cuda(s, q);
-  check_stream(gamma, mode, seed, offset, dim, context.numel());
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const PreparedAttention r = prepare_attention(q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
-  const auto ct = r.q.scalar_type();
-  const at::Tensor go = grad_out.to(ct).contiguous(), o = out.to(ct).contiguous(), l = lse.to(ct).contiguous();
-  at::Tensor grad_q = at::empty_like(r.q);
-  at::Tensor grad_k = at::zeros_like(r.k), grad_v = at::zeros_like(r.v);
-  const int64_t blocks = s.batch * s.heads * ((s.queries + kWarps - 1) / kWarps);
+  AttentionBackward b = begin_attention_backward(at::kCUDA, grad_out, q, context, w_k, w_v, key_mask, out, lse,
+                                                 gamma, mode, seed, offset, dim);
+  check_head_dim(b.s);
+  const int64_t blocks = launch_blocks(b.s);
   if (blocks > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "cep_cross_attention_backward_cuda", [&] {
-      const Params<scalar_t> p = make_params<scalar_t>(s, r, 4);
-      const size_t shared = 4 * p.key_tile * s.head_dim * sizeof(scalar_t);
+    AT_DISPATCH_FLOATING_TYPES(b.r.q.scalar_type(), "cep_cross_attention_backward_cuda", [&] {
+      const Params<scalar_t> p = make_params<scalar_t>(b.s, b.r, 4);
+      const size_t shared = 4 * p.key_tile * b.s.head_dim * sizeof(scalar_t);
       backward_kernel<scalar_t><<<blocks, kWarps * 32, shared, at::cuda::getCurrentCUDAStream()>>>(
-          p, go.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(),
-          grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
+          p, b.grad_out.const_data_ptr<scalar_t>(), b.out.const_data_ptr<scalar_t>(),
+          b.lse.const_data_ptr<scalar_t>(), b.grad_q.data_ptr<scalar_t>(), b.grad_k.data_ptr<scalar_t>(),
+          b.grad_v.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return attention_input_grads(r, s, grad_q, grad_k, grad_v, q.scalar_type());
+  return attention_input_grads(b, q.scalar_type());
 }
 
 }  // namespace cep
