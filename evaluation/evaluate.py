@@ -114,8 +114,10 @@ def score(samples: dict, fake: dict, real: dict, train: dict, args, prompts_embe
     except ValueError as error:       # too few samples for the balloon bandwidth: say so, keep the rest
         out["top_pr_skipped"] = str(error)
     if samples["labels"] is not None:
-        out.update(metrics.relative_mahalanobis(fake["pool"], torch.as_tensor(samples["labels"]),
-                                                args.rmd_top_fraction))
+        labels = torch.as_tensor(samples["labels"])
+        out.update(metrics.relative_mahalanobis(fake["pool"], labels, args.rmd_top_fraction))
+        if args.extractor == "classifier":   # its logits are the run's own classes
+            out["label_agreement"] = metrics.label_agreement(fake["logits"], labels)
     out["memorization_ratio"] = metrics.memorization_ratio(fake["pool"], train["pool"], args.memorization_threshold)
     out["top5_l2"] = metrics.mean_topk_distance(fake["pool"], train["pool"], k=5)
     if vq is not None:

@@ -198,37 +198,49 @@ def top_pr(real: torch.Tensor, fake: torch.Tensor, alpha: float = 0.1, bootstrap
     return {"top_precision": precision, "top_recall": recall, "top_f1": f1}
 
 
-def relative_mahalanobis(features: torch.Tensor, labels: torch.Tensor, top_fraction: float = 0.01,
-                         ridge: float = 1e-6) -> dict[str, float]:
-    """Top-1% Relative Mahalanobis Distance (Cui et al. 2023; paper 1 Appendix B.7), fitted on generated features.
+def rmd_scores(features: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Relative Mahalanobis Distance per sample (Cui et al. 2023; paper 1 Appendix B.7), fitted on generated features.
 
     M(x, y) = -(x - mu_y)^T S^-1 (x - mu_y) with class means and the shared within-class covariance S;
     M_agn(x) = -(x - mu)^T S_agn^-1 (x - mu) with the class-agnostic Gaussian; RMD = M(x, y) - M_agn(x), signs as
-    printed in the paper: samples near their class mean but far from the global mean score high. Returns the mean
-    RMD of the top `top_fraction` samples, that fraction's threshold and the overall mean. Both covariances use
-    1/N and get `ridge` * mean eigenvalue on the diagonal so that fewer samples than dims stay solvable.
+    printed in the paper: samples near their class mean but far from the global mean score high. Both covariances
+    use 1/N and get `ridge` * mean eigenvalue on the diagonal so that fewer samples than dims stay solvable.
+    (Fitted on the scored set itself, the mean RMD is ~0 by construction: each Mahalanobis term averages to dim.)
     """
     features = _check_features("features", features)
     labels = torch.as_tensor(labels)
     if labels.shape != (len(features),) or labels.dtype.is_floating_point:
         raise ValueError(f"labels: expected an integer tensor of shape ({len(features)},), got {tuple(labels.shape)}")
-    if not 0 < top_fraction <= 1:
-        raise ValueError(f"top_fraction: expected a value in (0, 1], got {top_fraction}")
     classes, labels = labels.unique(return_inverse=True)
     class_means = torch.zeros(len(classes), features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
     class_means /= torch.bincount(labels, minlength=len(classes))[:, None]
-    within = features - class_means[labels]
-    agnostic = features - features.mean(0)
 
     def mahalanobis(centred: torch.Tensor) -> torch.Tensor:
         cov = centred.T @ centred / len(centred)
         cov += ridge * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(len(cov), dtype=cov.dtype)
         return (centred * torch.linalg.solve(cov, centred.T).T).sum(1)
 
-    rmd = -mahalanobis(within) + mahalanobis(agnostic)
-    count = max(1, math.ceil(top_fraction * len(rmd)))
-    top = rmd.topk(count).values
-    return {"rmd_top": float(top.mean()), "rmd_threshold": float(top[-1]), "rmd_mean": float(rmd.mean())}
+    return -mahalanobis(features - class_means[labels]) + mahalanobis(features - features.mean(0))
+
+
+def relative_mahalanobis(features: torch.Tensor, labels: torch.Tensor, top_fraction: float = 0.01,
+                         ridge: float = 1e-6) -> dict[str, float]:
+    """Top-1% RMD as paper 1 reports it: the mean RMD of the top `top_fraction` samples and that fraction's threshold."""
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction: expected a value in (0, 1], got {top_fraction}")
+    scores = rmd_scores(features, labels, ridge)
+    top = scores.topk(max(1, math.ceil(top_fraction * len(scores)))).values
+    return {"rmd_top": float(top.mean()), "rmd_threshold": float(top[-1])}
+
+
+def label_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of generated samples the feature classifier assigns to their conditioning class: a diagnostic (not a
+    paper 1 metric) that tells whether a class-conditional model uses its labels at all."""
+    logits = _check_features("logits", logits, min_rows=1)
+    labels = torch.as_tensor(labels)
+    if labels.shape != (len(logits),):
+        raise ValueError(f"labels: expected shape ({len(logits)},), got {tuple(labels.shape)}")
+    return float((logits.argmax(1) == labels).double().mean())
 
 
 def _normalised(features: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -21,7 +21,7 @@ from training.stats import save_image_grid
 COLUMNS = (("fid", "FID", ".2f"), ("sfid", "sFID", ".2f"), ("is", "IS", ".2f"), ("kid", "KID", ".4f"),
            ("precision", "Prec", ".3f"), ("recall", "Rec", ".3f"), ("top_f1", "TopP&R F1", ".3f"),
            ("rmd_top", "RMD top-1%", ".2f"), ("memorization_ratio", "Mem.", ".3f"), ("top5_l2", "top-5 L2", ".3f"),
-           ("vq_entropy", "Entropy", ".3f"), ("clip_score", "CLIP", ".2f"))
+           ("vq_entropy", "Entropy", ".3f"), ("clip_score", "CLIP", ".2f"), ("label_agreement", "Label acc.", ".3f"))
 PLOTTED = ("fid", "is", "precision", "recall", "rmd_top", "memorization_ratio", "top5_l2", "vq_entropy")
 
 
