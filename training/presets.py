@@ -29,7 +29,8 @@ DEFAULTS = {
                  "cond_dropout": 0.0, "label_smoothing": 0.0, "caption_dropout": 0.1,
                  "max_nonfinite": 10},
     "logging": {"log_every_images": 6_400, "checkpoint_every_images": 32_000, "sample_every_images": 0,
-                "keep_checkpoints": 3, "num_samples": 16, "sample_steps": 25, "sample_guidance": 1.0},
+                "keep_checkpoints": 3, "num_samples": 16, "sampler": "ddpm", "sample_steps": 100,
+                "sample_guidance": 1.0},
 }
 
 # Changing these between a run and its resume would silently mix two experiments; logging and length may change.

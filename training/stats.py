@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
@@ -37,7 +38,8 @@ def crossed(images_seen: int, batch: int, interval: int) -> bool:
 
 
 def save_image_grid(images: torch.Tensor, path, columns: int | None = None) -> None:
-    """Float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> one PNG grid."""
+    """Float [N, C, H, W] in [-1, 1] (C = 1 or 3) -> one PNG grid, cells framed by a 1-pixel grey line."""
+    images = F.pad(images, (1, 1, 1, 1), value=0.0)
     count = images.shape[0]
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)

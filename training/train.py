@@ -190,7 +190,7 @@ def save_samples(ema_model, diffusion, config, data, path, device) -> None:
         kwargs["captions"] = template_captions(classes, config["data"]["class_names"], torch.Generator())
         null_kwargs["captions"] = [NULL_CAPTION] * count
     generators = [torch.Generator(device).manual_seed(hash_seed(config["seed"], i)) for i in range(count)]
-    images = sample(ema_model, diffusion, shape, kwargs, null_kwargs, "ddim", logging["sample_steps"],
+    images = sample(ema_model, diffusion, shape, kwargs, null_kwargs, logging["sampler"], logging["sample_steps"],
                     logging["sample_guidance"], generators, device=device)
     if hasattr(data.source, "decode"):
         images = data.source.decode(images)
