@@ -4,15 +4,16 @@ fixed storage size. Augmentation (random flip / crop) runs per batch and emits t
 (crop top, crop left, original h, original w, flip). The data order is a seeded permutation per epoch over an
 infinite stream, indexed by images seen, so a resumed run reads exactly the same batches."""
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Control metadata columns, in the order the models' `control` argument expects.
-CONTROL_FIELDS = ("crop_top", "crop_left", "original_h", "original_w", "flip")
+# Control metadata columns (paper 2), in the order of the models' `control` argument.
+CONTROL_FIELDS = ("crop_top", "crop_left", "original_height", "original_width", "flip")
+
 NPZ_DATASETS = {"mnist": "mnist.npz", "fashion-mnist": "fashion_mnist.npz"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "a {}.")
@@ -30,7 +31,6 @@ class ImageDataset:
     labels: torch.Tensor | None = None  # int64 [N]
     captions: list[str] | None = None
     name: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.images.shape[0]
