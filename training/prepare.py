@@ -74,8 +74,9 @@ def model_input_shape(config: dict) -> tuple[int, int, int]:
     return model["in_channels"], size, size
 
 
-def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None, rank: int) -> TrainingData:
-    """Applies the fixed corruption (seeded by the run seed; identical on every rank); rank 0 saves what changed."""
+def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None, rank: int):
+    """(labels, captions, class prior) after the fixed corruption, seeded by the run seed and so identical on every
+    rank; rank 0 saves what changed. Labels are None in text runs, captions None in class runs."""
     corruption, condition = config["corruption"], config["data"]["condition"]
     kind, eta = corruption["kind"], check_ratio(corruption["ratio"])
     if kind not in CORRUPTION_KINDS:
@@ -106,14 +107,14 @@ def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None
     if rank == 0 and run_dir is not None:
         save_corruption(run_dir / "corruption.npz", kind, eta, clean_labels, labels, indices,
                         clean_captions, captions if clean_captions is not None else None)
-    return TrainingData(None, labels if condition == "class" else None, captions, prior, len(dataset))
+    return (labels if condition == "class" else None), captions, prior
 
 
 def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict, TrainingData]:
     """(completed config, training data) for a run."""
     dataset = load_training_data(config)
+    labels, captions, prior = corrupt_conditions(config, dataset, run_dir, rank)  # before any slow encoding
     data = config["data"]
-    latent_shape, source = None, None
     if config.get("latent"):
         from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
 
@@ -121,7 +122,6 @@ def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict
         latent_shape = source.shape
     else:
         source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
+        latent_shape = None
     config = transfer_defaults(complete_config(config, dataset, latent_shape))
-    training_data = corrupt_conditions(config, dataset, run_dir, rank)
-    training_data.source = source
-    return config, training_data
+    return config, TrainingData(source, labels, captions, prior, len(dataset))
