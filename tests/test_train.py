@@ -196,3 +196,11 @@ def test_resolution_transfer_from_a_lower_resolution_run(tmp_path):
     # same parameter shapes at both resolutions: DiT's positional table is recomputed, not stored
     assert {k: v.shape for k, v in low_state["model"].items()} == {k: v.shape for k, v in high_state["model"].items()}
     assert "initialised from the EMA weights" in (high / "log.txt").read_text()
+
+
+def test_set_overrides(tmp_path):
+    config, _, _ = parse_args([*TINY, "--run-dir", str(tmp_path), "--set", "training.adam_betas=[0.9, 0.95]",
+                               "--set", "model.preset=DiT-tiny/2"])
+    assert config["training"]["adam_betas"] == [0.9, 0.95] and config["model"]["preset"] == "DiT-tiny/2"
+    with pytest.raises(ValueError, match="--set needs KEY=JSON"):
+        parse_args([*TINY, "--run-dir", str(tmp_path), "--set", "model.depth"])

@@ -78,6 +78,17 @@ def set_path(config: dict, dotted: str, value) -> None:
     target[key] = value
 
 
+def parse_override(item: str) -> tuple[str, object]:
+    """"--set KEY=JSON" -> (key, value); a value that is not JSON is taken as a bare string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set needs KEY=JSON, got {item!r}")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
+
+
 def resume_differences(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two run configs, ignoring RESUME_MUTABLE."""
     differences = []

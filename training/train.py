@@ -1,20 +1,19 @@
-"""Pre-training of DiT / LDM denoisers with condition corruption and CEP (paper 1) and paper 2's conditioning.
+r"""Pre-training of DiT / LDM denoisers with condition corruption and CEP (paper 1) and paper 2's conditioning.
 
     # CPU, 2 processes (gloo); re-running the same command resumes from the latest checkpoint:
     torchrun --standalone --nproc_per_node=2 -m training.train --preset dit-tiny-digits \
-        --corruption symmetric --corruption-ratio 0.05 --cep uniform --cep-gamma 1.0 --run-dir runs/x
+        --corruption-ratio 0.05 --cep uniform --cep-gamma 1.0 --run-dir runs/x
     # single process, no torchrun:
-    python -m training.train --preset dit-tiny-digits --run-dir runs/x
-    # 8 GPUs (nccl), paper size:
-    torchrun --standalone --nproc_per_node=8 -m training.train --preset dit-xl2-in1k --data-path /data/in1k \
-        --precision bf16 --run-dir runs/dit-xl2
+    python -m training.train --preset dit-tiny-digits --run-dir runs/x1
+    # 8 GPUs (nccl), paper size: DiT-XL/2 on the latents of a kl-f8 autoencoder (train_autoencoder.py)
+    torchrun --standalone --nproc_per_node=8 -m training.train --preset dit-xl2-in1k \
+        --dataset /data/imagenet/train --autoencoder runs/kl-f8-in1k --corruption-ratio 0.025 --run-dir runs/dit-xl2
 
 Progress is counted in images (edm2). Every random draw of a step (data order, t, noise, label dropout, CEP seeds,
 augmentation) derives from (seed, rank, images seen, accumulation round), so a resumed run is bit-identical.
 """
 import argparse
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from training.corruption import random_flip
 from training.data import DataOrder, hash_seed, template_captions
 from training.ema import EMA
 from training.prepare import model_input_shape, prepare
-from training.presets import build_diffusion, load_preset, set_path
+from training.presets import build_diffusion, load_preset, parse_override, set_path
 from training.regularizers import attach_embedding_regularizers
 from training.stats import RunLogger, crossed, save_image_grid
 from training.text import NULL_CAPTION, TextConditionedDenoiser, drop_captions, parts
@@ -103,14 +102,7 @@ def parse_args(argv=None) -> tuple[dict, Path, bool]:
                     parser.error(f"{flag} must be comma-separated integers, got {value!r}")
             set_path(config, key, value)
     for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"--set needs KEY=JSON, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text  # bare strings need no quotes
-        set_path(config, key, value)
+        set_path(config, *parse_override(item))
     return config, Path(args.run_dir), not args.no_progress
 
 

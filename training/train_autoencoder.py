@@ -1,4 +1,4 @@
-"""Trains the VQ / KL autoencoder whose latents the LDM path (train.py --autoencoder RUN_DIR) diffuses in.
+r"""Trains the VQ / KL autoencoder whose latents the LDM path (train.py --autoencoder RUN_DIR) diffuses in.
 
     python -m training.train_autoencoder --preset vq-f4-tiny --dataset mnist --data-path ../shared/datasets \
         --image-size 32 --resize pad --run-dir runs/ae-mnist
@@ -8,7 +8,6 @@ Resumable like train.py (re-run the same command); at the end the latent scale f
 the latents) and run_dir/autoencoder.pt is written (models.autoencoder.save_autoencoder format).
 """
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_auto
 from training import distributed
 from training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, record_config, save_checkpoint
 from training.data import DataOrder, augment, hash_seed, load_dataset
+from training.presets import parse_override
 from training.stats import RunLogger, crossed, save_image_grid
 
 SCALE_FIT_IMAGES = 1024
@@ -44,10 +44,7 @@ def parse_args(argv=None) -> tuple[dict, Path]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="autoencoder constructor override, e.g. --set n_embed=128")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        overrides[key] = json.loads(text)
+    overrides = dict(parse_override(item) for item in args.set)
     config = {"autoencoder": {"preset": args.preset, **overrides}, "seed": args.seed,
               "data": {"dataset": args.dataset, "path": args.data_path, "image_size": args.image_size,
                        "resize": args.resize, "hflip": args.hflip,
