@@ -9,6 +9,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model
 from models.autoencoder import build_autoencoder
@@ -89,10 +90,23 @@ def train_step(model, forward, batch=8):
     return step
 
 
+def matmul_step(size=4096):
+    """A large fp32 matmul: the machine's attainable FLOP rate, measured in the same run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return lambda: a @ b
+
+
+def counted_flops(step):
+    """Matmul/attention FLOPs of one call (forward and backward), by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def dit_s2_bar(repeats):
     torch.manual_seed(0)
     ours = build_model({"arch": "dit", "preset": "DiT-S/2"}).train()
-    steps = {"ours (cepdiff DiT-S/2)": train_step(ours, lambda m, x, t, y: m(x, t, y=y))}
+    contenders = {"ours (cepdiff DiT-S/2)": (ours, train_step(ours, lambda m, x, t, y: m(x, t, y=y)))}
     try:
         from diffusers import DiTTransformer2DModel
     except ImportError:
@@ -102,27 +116,33 @@ def dit_s2_bar(repeats):
         theirs = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
                                        num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
                                        norm_type="ada_norm_zero").train()
-        steps["diffusers DiTTransformer2DModel"] = train_step(
-            theirs, lambda m, x, t, y: m(hidden_states=x, timestep=t, class_labels=y).sample)
-    # Interleave the contenders so background load hits both alike.
-    times = {name: [] for name in steps}
-    for name, step in steps.items():
-        step()
+        contenders["diffusers DiTTransformer2DModel"] = (theirs, train_step(
+            theirs, lambda m, x, t, y: m(hidden_states=x, timestep=t, class_labels=y).sample))
+    contenders["fp32 matmul 4096^2 (peak)"] = (None, matmul_step())
+    flops = {name: counted_flops(step) for name, (_, step) in contenders.items()}   # also the warm-up call
+    # Interleave the contenders so background load hits all alike.
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        for name, step in steps.items():
+        for name, (_, step) in contenders.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    print(f"\n| DiT-S/2 train step, fp32, B=8, 32x32x4 | params | s/step (median of {repeats}) | img/s |")
-    print("|---|---|---|---|")
-    medians = {}
-    for name, model in zip(steps, [ours] + ([theirs] if len(steps) == 2 else [])):
-        medians[name] = statistics.median(times[name])
-        params = sum(p.numel() for p in model.parameters())
-        print(f"| {name} | {params / 1e6:.2f}M | {medians[name]:.3f} | {8 / medians[name]:.2f} |")
-    if len(medians) == 2:
-        ours_time, theirs_time = medians.values()
-        print(f"speed-up vs diffusers: {theirs_time / ours_time:.2f}x (bar: >= 1.3x)")
+    print(f"\n| DiT-S/2 train step, fp32, B=8, 32x32x4 | params | s/step (median of {repeats}) | img/s | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    median, rate = {}, {}
+    for name, (model, _) in contenders.items():
+        median[name] = statistics.median(times[name])
+        rate[name] = flops[name] / median[name] / 1e9
+        params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M" if model is not None else "-"
+        images = f"{8 / median[name]:.2f}" if model is not None else "-"
+        print(f"| {name} | {params} | {median[name]:.3f} | {images} | {rate[name]:.1f} |")
+    ours_name, *others = list(contenders)
+    print(f"train-step FLOPs (fwd+bwd matmuls/attention): {flops[ours_name] / 1e9:.0f} G")
+    if len(others) == 2:
+        theirs_name, peak_name = others
+        print(f"speed-up vs diffusers: {median[theirs_name] / median[ours_name]:.2f}x (bar: >= 1.3x); diffusers runs at "
+              f"{rate[theirs_name] / rate[peak_name]:.0%} of the matmul peak, so the largest possible speed-up at "
+              f"equal FLOPs is {rate[peak_name] / rate[theirs_name]:.2f}x")
 
 
 def main():
