@@ -50,7 +50,7 @@ def corruption_ratio(record: dict) -> float:
 
 def markdown_table(records: list[dict]) -> str:
     columns = [c for c in COLUMNS if any(c[0] in r["metrics"] for r in records)]
-    header = ["run", "eta", "CEP", "sampler", "steps", "N", "s"] + [title for _, title, _ in columns]
+    header = ["run", "corruption eta", "CEP", "sampler", "steps", "N", "s"] + [title for _, title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in sorted(records, key=lambda r: (r["run_name"], r["guidance"])):
         cep = f"{r['run'].get('cep_mode') or 'none'}"
@@ -92,7 +92,9 @@ def sample_grid(samples_dir, path: Path, count: int = 64) -> Path | None:
         return None
     images = np.stack([np.asarray(Image.open(f)) for f in files])
     images = images[..., None] if images.ndim == 3 else images
-    save_image_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, path)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    scale = max(1, 32 // images.shape[-1])  # 8x8 digits become visible 32x32 tiles (nearest: no new pixels)
+    save_image_grid(torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest"), path)
     return path
 
 

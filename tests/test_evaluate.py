@@ -91,7 +91,7 @@ def test_report_table_plots_and_grids(evaluated, tmp_path):
     run, _, _, _ = evaluated
     path = report.write_report([run], tmp_path)
     text = path.read_text()
-    assert "| run | eta | CEP |" in text and "FID" in text and "Entropy" in text
+    assert "| run | corruption eta | CEP |" in text and "FID" in text and "Entropy" in text
     assert (tmp_path / "fid_vs_guidance.png").is_file() and (tmp_path / "fid_vs_eta.png").is_file()
     assert len(list(tmp_path.glob("samples_*.png"))) >= 2
 
