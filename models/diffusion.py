@@ -118,13 +118,15 @@ class GaussianDiffusion:
         if not isinstance(input_perturbation, (int, float)) or not 0 <= input_perturbation < math.inf:
             raise ValueError(f"input_perturbation must be a finite float >= 0, got {input_perturbation!r}")
         batch = x0.shape[0]
+        # Draw on the generator's device (e.g. a CPU generator for CUDA data), then move.
+        draw_device = generator.device if generator is not None else x0.device
         if t is None:
-            t = torch.randint(0, self.num_steps, (batch,), generator=generator, device=x0.device)
+            t = torch.randint(0, self.num_steps, (batch,), generator=generator, device=draw_device).to(x0.device)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=draw_device).to(x0.device)
         x_input_noise = noise
         if input_perturbation > 0:
-            xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            xi = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=draw_device).to(x0.device)
             x_input_noise = noise + input_perturbation * xi
         x_t = self.q_sample(x0, t, x_input_noise)
         eps, v = split_output(model(x_t, t, **model_kwargs), x_t)
