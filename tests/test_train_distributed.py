@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from test_train import ENV, REPO, TINY, assert_same_weights, weights
 from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -43,3 +44,33 @@ def test_two_processes_stay_in_sync_and_resume_after_sigkill(tmp_path):
     assert stats[-1]["world_size"] == 2 and stats[-1]["images_seen"] == 320
     assert "2 process(es)" in (uninterrupted / "log.txt").read_text()
     assert_same_weights(weights(uninterrupted), weights(killed))
+
+
+def _consistency_worker(rank, folder):
+    import torch
+    import torch.distributed as dist
+
+    from training.distributed import check_consistency
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    check_consistency(module)  # identical replicas pass
+    if rank == 1:
+        with torch.no_grad():
+            module.bias[0] += 1e-6
+    try:
+        check_consistency(module)
+        outcome = "passed"
+    except RuntimeError as error:
+        outcome = str(error)
+    (Path(folder) / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_consistency_check_catches_a_diverged_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_consistency_worker, args=(str(tmp_path),), nprocs=2)
+    assert (tmp_path / "rank0.txt").read_text() == "passed"
+    assert "rank 1 is out of sync with rank 0 at bias" in (tmp_path / "rank1.txt").read_text()
