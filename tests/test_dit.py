@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import build_model
 from models.dit import DiT, get_2d_sincos_pos_embed
@@ -154,3 +156,16 @@ def test_gradients_reach_every_parameter():
     model(x, t, y=y, control=torch.rand(3, 5)).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert missing == []
+
+
+@settings(max_examples=15, deadline=None)
+@given(patch=st.sampled_from([1, 2, 4]), grid=st.integers(1, 4), heads=st.integers(1, 3),
+       head_dim=st.sampled_from([4, 8]), depth=st.integers(1, 2), cross=st.booleans(), learn_sigma=st.booleans(),
+       batch=st.integers(1, 3))
+def test_random_configs_give_the_documented_shapes(patch, grid, heads, head_dim, depth, cross, learn_sigma, batch):
+    model = DiT(input_size=patch * grid, patch_size=patch, in_channels=2, hidden_size=heads * head_dim, depth=depth,
+                num_heads=heads, num_classes=3, learn_sigma=learn_sigma,
+                cond_mode="cross-attention" if cross else "adaln", control_dim=2)
+    x = torch.randn(batch, 2, patch * grid, patch * grid)
+    out = model(x, torch.randint(0, 1000, (batch,)), y=torch.randint(0, 4, (batch,)), control=torch.rand(batch, 2))
+    assert out.shape == (batch, 4 if learn_sigma else 2, patch * grid, patch * grid)
