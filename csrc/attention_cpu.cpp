@@ -16,8 +16,16 @@
 namespace cep {
 namespace {
 
-constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 128;
+// Query rows per tile: as many as keep a score tile near 32K values (128 KiB fp32, L2-resident), at least 64. Few
+// keys (M = 1 .. 77 text tokens) thus give tall tiles and few BLAS calls, whose fixed cost dominates at small M.
+constexpr int64_t kTileValues = 32768;
+constexpr int64_t kMinQueryTile = 64;
+
+int64_t query_tile(const AttentionShape& s) {
+  const int64_t rows = std::max(kMinQueryTile, kTileValues / std::min(s.tokens, kKeyTile));
+  return std::max<int64_t>(1, std::min(rows, s.queries));
+}
 
 // A row-major [rows, cols] view of raw memory with the given row stride (no copy).
 template <typename T>
@@ -35,6 +43,7 @@ struct Problem {
   const T* k;        // [B, M, H*Dh]
   const T* v;        // [B, M, H*Dh]
   const bool* mask;  // [B, M] or nullptr
+  int64_t query_tile;
 
   int64_t width() const { return s.heads * s.head_dim; }
   const T* q_rows(int64_t b, int64_t h, int64_t n0) const { return q + ((b * s.heads + h) * s.queries + n0) * s.head_dim; }
@@ -67,9 +76,9 @@ void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t
   T* lse_rows = lse + (b * p.s.heads + h) * p.s.queries + n0;
   at::Tensor acc = view(out_rows, nt, dh, dh);
   T* row_max = buffer;               // running max m_i
-  T* row_sum = buffer + kQueryTile;  // running sum l_i
-  T* correction = buffer + 2 * kQueryTile;
-  T* scores_ptr = buffer + 3 * kQueryTile;
+  T* row_sum = buffer + p.query_tile;  // running sum l_i
+  T* correction = buffer + 2 * p.query_tile;
+  T* scores_ptr = buffer + 3 * p.query_tile;
   std::fill(row_max, row_max + nt, kMinusInf<T>);
   std::fill(row_sum, row_sum + nt, T(0));
   for (int64_t m0 = 0; m0 < p.s.tokens; m0 += kKeyTile) {
@@ -102,10 +111,10 @@ void backward_item(const Problem<T>& p, int64_t b, int64_t h, const T* grad_out,
                    T* grad_q, T* grad_k, T* grad_v, T* buffer) {
   const int64_t dh = p.s.head_dim, width = p.width();
   T* delta = buffer;  // D_i = rowsum(dO_i * O_i)
-  T* probs_ptr = buffer + kQueryTile;
-  T* dprobs_ptr = probs_ptr + kQueryTile * kKeyTile;
-  for (int64_t n0 = 0; n0 < p.s.queries; n0 += kQueryTile) {
-    const int64_t nt = std::min(kQueryTile, p.s.queries - n0);
+  T* probs_ptr = buffer + p.query_tile;
+  T* dprobs_ptr = probs_ptr + p.query_tile * kKeyTile;
+  for (int64_t n0 = 0; n0 < p.s.queries; n0 += p.query_tile) {
+    const int64_t nt = std::min(p.query_tile, p.s.queries - n0);
     const int64_t row0 = (b * p.s.heads + h) * p.s.queries + n0;
     const T* go_rows = grad_out + row0 * dh;
     const T* lse_rows = lse + row0;
@@ -139,7 +148,7 @@ template <typename T>
 Problem<T> problem(const AttentionShape& s, const PreparedAttention& r) {
   return {s, static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.head_dim))), r.q.const_data_ptr<T>(),
           r.k.const_data_ptr<T>(), r.v.const_data_ptr<T>(),
-          r.key_mask.defined() ? r.key_mask.const_data_ptr<bool>() : nullptr};
+          r.key_mask.defined() ? r.key_mask.const_data_ptr<bool>() : nullptr, query_tile(s)};
 }
 
 }  // namespace
@@ -150,16 +159,16 @@ TensorPair cross_attention_cpu(const at::Tensor& q, const at::Tensor& context, c
   AttentionForward f =
       begin_attention_forward(at::kCPU, q, context, w_k, w_v, key_mask, gamma, mode, seed, offset, dim);
   const AttentionShape& s = f.s;
-  const int64_t tiles = (s.queries + kQueryTile - 1) / kQueryTile;
   AT_DISPATCH_FLOATING_TYPES(f.r.q.scalar_type(), "cep_cross_attention_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(s, f.r);
+    const int64_t tile = p.query_tile, tiles = (s.queries + tile - 1) / tile;
     scalar_t* out_ptr = f.out.data_ptr<scalar_t>();
     scalar_t* lse_ptr = f.lse.data_ptr<scalar_t>();
     at::parallel_for(0, s.batch * s.heads * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buffer(3 * kQueryTile + kQueryTile * kKeyTile);
+      std::vector<scalar_t> buffer(3 * tile + tile * kKeyTile);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t bh = item / tiles, n0 = (item % tiles) * kQueryTile;
-        forward_item(p, bh / s.heads, bh % s.heads, n0, std::min(kQueryTile, s.queries - n0), out_ptr, lse_ptr,
+        const int64_t bh = item / tiles, n0 = (item % tiles) * tile;
+        forward_item(p, bh / s.heads, bh % s.heads, n0, std::min(tile, s.queries - n0), out_ptr, lse_ptr,
                      buffer.data());
       }
     });
@@ -178,7 +187,7 @@ TensorQuad cross_attention_backward_cpu(const at::Tensor& grad_out, const at::Te
   AT_DISPATCH_FLOATING_TYPES(b.r.q.scalar_type(), "cep_cross_attention_backward_cpu", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(s, b.r);
     at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buffer(kQueryTile + 2 * kQueryTile * kKeyTile);
+      std::vector<scalar_t> buffer(p.query_tile + 2 * p.query_tile * kKeyTile);
       for (int64_t bh = begin; bh < end; ++bh) {
         backward_item(p, bh / s.heads, bh % s.heads, b.grad_out.const_data_ptr<scalar_t>(),
                       b.out.const_data_ptr<scalar_t>(), b.lse.const_data_ptr<scalar_t>(),
