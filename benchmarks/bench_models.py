@@ -140,7 +140,8 @@ def dit_s2_bar(repeats):
     print(f"train-step FLOPs (fwd+bwd matmuls/attention): {flops[ours_name] / 1e9:.0f} G")
     if len(others) == 2:
         theirs_name, peak_name = others
-        print(f"speed-up vs diffusers: {median[theirs_name] / median[ours_name]:.2f}x (bar: >= 1.3x); diffusers runs at "
+        speed_up = median[theirs_name] / median[ours_name]
+        print(f"speed-up vs diffusers: {speed_up:.2f}x (bar: >= 1.3x); diffusers runs at "
               f"{rate[theirs_name] / rate[peak_name]:.0%} of the matmul peak, so the largest possible speed-up at "
               f"equal FLOPs is {rate[peak_name] / rate[theirs_name]:.2f}x")
 

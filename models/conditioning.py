@@ -54,8 +54,8 @@ def semantic_condition(cep: CEP, class_embedder: "ClassEmbedder | None", y: torc
                        class_as_token: bool) -> Condition | None:
     """A denoiser's class label y or text context [B, M, C] as a Condition with this step's CEP draw.
 
-    class_as_token gives the class embedding a token axis, [B, 1, D], for cross-attention (LDM's ClassEmbedder; paper 2's
-    semantic path); else it stays [B, D] for adaLN (DiT). Models with num_classes = 0 and no context get None.
+    class_as_token gives the class embedding a token axis, [B, 1, D], for cross-attention (LDM's ClassEmbedder;
+    paper 2's semantic path); else it stays [B, D] for adaLN (DiT). Models with num_classes = 0 and no context get None.
     """
     if context is not None:
         if y is not None:

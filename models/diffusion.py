@@ -136,7 +136,7 @@ class GaussianDiffusion:
         return loss
 
     def variance_bound(self, x0, x_t, t, eps, v) -> torch.Tensor:
-        """L_vlb term in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0."""
+        """L_vlb term in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0."""
         alpha_bar = extract(self.alphas_cumprod, t, x_t)
         x0_pred = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
         coef_x0, coef_xt = extract(self.posterior_mean_coef_x0, t, x_t), extract(self.posterior_mean_coef_xt, t, x_t)

@@ -82,7 +82,7 @@ def test_learn_sigma_adds_the_variational_bound_for_the_variance_only():
     # Exact eps and v = -1 (the true posterior variance beta_tilde): the KL term vanishes for t > 0.
     exact = diffusion.training_losses(model_with(-1.0, 0.0), x0, {}, t=t, noise=noise)
     torch.testing.assert_close(exact, torch.zeros(4), atol=1e-5, rtol=0)
-    # v = +1 (variance beta_t) gives a positive KL where beta_t and beta_tilde_t differ (small t; they agree at large t).
+    # v = +1 (variance beta_t): positive KL where beta_t and beta_tilde_t differ (small t; they agree at large t).
     wrong_variance = diffusion.training_losses(model_with(1.0, 0.0), x0, {}, t=t, noise=noise)
     assert bool((wrong_variance[:2] > 1e-3).all() and (wrong_variance >= 0).all())
     # An eps error adds its MSE plus a mean-mismatch KL.
