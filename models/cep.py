@@ -34,11 +34,6 @@ try:
 except ImportError:
     HAS_EXTENSION = False
 
-# Device types with compiled kernels, looked up once (a plain set keeps the ops traceable by torch.compile).
-KERNEL_DEVICE_TYPES = frozenset(
-    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("cep::perturb", key))
-
 MODES = ("uniform", "gaussian")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INT64 = 2**63 - 1
@@ -283,6 +278,12 @@ if HAS_EXTENSION:
     torch.library.register_autograd("cep::perturb", _perturb_backward)
     torch.library.register_autograd("cep::cross_attention", _cross_attention_backward,
                                     setup_context=_cross_attention_setup)
+
+# Device types with kernels (meta: the fake kernels above), looked up once: a plain set keeps the ops traceable by
+# torch.compile.
+KERNEL_DEVICE_TYPES = frozenset(
+    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
+    if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("cep::perturb", key))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -182,3 +182,11 @@ def test_fallback_twin_warns_once(monkeypatch):
     assert torch.equal(twin, cep.perturb_reference(x, 2.0, seed=1))
     monkeypatch.setattr(cep, "HAS_EXTENSION", True)
     assert torch.equal(cep.perturb(x, 2.0, seed=1), twin)
+
+
+def test_meta_tensors_use_the_fake_kernels(recwarn):
+    q, context, w_k, w_v, key_mask = (None if t is None else t.to("meta") for t in attention_inputs(masked=True))
+    out = cep.cross_attention(q, context, w_k, w_v, key_mask, gamma=1.0, seed=1)
+    noisy = cep.perturb(context, 1.0, "gaussian", seed=2)
+    assert out.device.type == "meta" and out.shape == q.shape and noisy.shape == context.shape
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # no fallback to the twins
