@@ -67,7 +67,8 @@ def build_extractor(args, reference: dict):
     order = np.random.default_rng(0).permutation(len(images))
     cut = int(0.8 * len(images))
     return load_or_train_classifier(images[order[:cut]], labels[order[:cut]], images[order[cut:]],
-                                    labels[order[cut:]], reference["num_classes"], args.cache_dir)
+                                    labels[order[cut:]], reference["num_classes"], args.cache_dir,
+                                    steps=args.classifier_steps)
 
 
 def vq_source(args, sampler: Sampler):
@@ -217,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor-channels", type=int, default=None, help="repeat gray images to this many channels")
     p.add_argument("--extractor-range", default="0,1", choices=ScriptedExtractor.VALUE_RANGES)
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the per-data-set classifier is cached")
+    p.add_argument("--classifier-steps", type=int, default=600, help="training steps of that classifier")
     p.add_argument("--text-tower", default=None, help="TorchScript text tower (list[str] -> [B, D]) for CLIP score")
     p.add_argument("--vq-autoencoder", default=None, help="VQ autoencoder checkpoint for sample entropy")
     p.add_argument("--entropy-temperature", type=float, default=1.0, help="tau of the VQ entropy softmax")

@@ -32,8 +32,8 @@ def evaluated(tmp_path_factory):
     save_autoencoder(build_autoencoder(vq_config), vq_config, root / "vq.pt")
     argv = ["--run-dir", str(run), "--num-samples", "24", "--steps", "3", "--sampler", "ddim",
             "--guidance", "1.0", "2.0", "--batch-size", "12", "--cache-dir", str(root / "cache"),
-            "--kid-subsets", "5", "--kid-subset-size", "20", "--is-splits", "2", "--vq-autoencoder",
-            str(root / "vq.pt"), "--no-progress"]
+            "--classifier-steps", "200", "--kid-subsets", "5", "--kid-subset-size", "20", "--is-splits", "2",
+            "--vq-autoencoder", str(root / "vq.pt"), "--no-progress"]
     records = evaluate(parser().parse_args(argv))
     return run, root, argv, records
 
@@ -51,8 +51,8 @@ def test_metrics_jsonl_holds_every_setting(evaluated):
         assert 0 < values["vq_entropy"] <= math.log(16) + 1e-9
         assert "top_pr_skipped" in values          # 24 samples are too few for TopP&R's balloon bandwidth
         assert record["num_samples"] == 24 and record["sampler"] == "ddim" and record["steps"] == 3
-        assert record["extractor"]["kind"] == "digit-classifier" and record["extractor"]["test_accuracy"] > 0.9
-        assert len(record["extractor"]["fingerprint"]) == 16
+        assert record["extractor"]["kind"] == "digit-classifier" and record["extractor"]["test_accuracy"] > 0.8
+        assert len(record["extractor"]["fingerprint"]) == 16 and record["extractor"]["steps"] == 200
         assert set(record["versions"]) >= {"torch", "torchmetrics"}
         assert record["run"]["corruption"]["ratio"] == 0.05
         assert record["reference"] == {"split": "train", "num": 1797, "num_train": 1797, "dataset": "digits"}
