@@ -14,12 +14,17 @@ namespace cep {
 namespace {
 
 constexpr int64_t kChunk = 1024;  // elements per noise buffer (a multiple of 4, fits in L1)
+constexpr int kCallsPerBatch = 16;  // Philox calls computed side by side (vector lanes)
+// A chunk touches at most kChunk / 4 + 2 calls; whole batches may overrun that by kCallsPerBatch - 1 calls.
+constexpr int64_t kNoiseBuffer = kChunk + 8 + 4 * kCallsPerBatch;
 
 CEP_ALWAYS_INLINE void fill_uniform_blocks(float* noise, uint64_t first_block, int64_t num_blocks, uint64_t seed) {
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    uint32_t words[4];
-    philox4x32_10(first_block + b, seed, words);
-    for (int lane = 0; lane < 4; ++lane) noise[4 * b + lane] = uniform_from_word(words[lane]);
+  for (int64_t b0 = 0; b0 < num_blocks; b0 += kCallsPerBatch) {
+    uint32_t words[4][kCallsPerBatch];
+    philox4x32_10<kCallsPerBatch>(first_block + b0, seed, words);
+    for (int i = 0; i < kCallsPerBatch; ++i) {
+      for (int lane = 0; lane < 4; ++lane) noise[4 * (b0 + i) + lane] = uniform_from_word(words[lane][i]);
+    }
   }
 }
 
@@ -32,7 +37,7 @@ CEP_ALWAYS_INLINE void perturb_range_impl(const scalar_t* x, scalar_t* out, int6
                                           const Stream& stream) {
   using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp16/bf16/fp32, fp64 for fp64
   const acc_t scale = static_cast<acc_t>(stream.scale);
-  alignas(64) float noise[kChunk + 8];
+  alignas(64) float noise[kNoiseBuffer];
   for (int64_t start = begin; start < end; start += kChunk) {
     const int64_t count = std::min(kChunk, end - start);
     const uint64_t first = stream.offset + static_cast<uint64_t>(start);

@@ -27,26 +27,32 @@ constexpr int kPhiloxRounds = 10;
 constexpr float kTwoPow24Inv = 5.9604644775390625e-08f;  // 2^-24
 constexpr float kTwoPiTwoPow24Inv = 3.7450702e-07f;        // 2 pi 2^-24
 
-// The four 32-bit output words of Philox4x32-10 for counter (block mod 2^32, block >> 32, 0, 0) and key seed.
-CEP_HOST_DEVICE void philox4x32_10(uint64_t block, uint64_t seed, uint32_t words[4]) {
-  uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    if (round > 0) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
+// Philox4x32-10 for the n consecutive counters first_block .. first_block + n - 1 (counter (block mod 2^32,
+// block >> 32, 0, 0)) under key `seed`: words[w][i] is output word w of counter i. The output is a structure of
+// arrays so the CPU loop over counters vectorizes without shuffles; the CUDA kernels use n = 1.
+template <int n>
+CEP_HOST_DEVICE void philox4x32_10(uint64_t first_block, uint64_t seed, uint32_t words[4][n]) {
+  for (int i = 0; i < n; ++i) {  // the CPU vectorizes this loop (the 10 rounds unroll into its body)
+    const uint64_t block = first_block + static_cast<uint64_t>(i);
+    uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32), c2 = 0, c3 = 0;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      if (round > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+      c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+      c1 = static_cast<uint32_t>(p1);
+      c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+      c3 = static_cast<uint32_t>(p0);
     }
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
-    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-    c1 = static_cast<uint32_t>(p1);
-    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c3 = static_cast<uint32_t>(p0);
+    words[0][i] = c0;
+    words[1][i] = c1;
+    words[2][i] = c2;
+    words[3][i] = c3;
   }
-  words[0] = c0;
-  words[1] = c1;
-  words[2] = c2;
-  words[3] = c3;
 }
 
 // U(-1, 1): the odd integers -(2^24 - 1) .. 2^24 - 1 are exact in fp32, so every backend gives the same bits.
@@ -72,13 +78,13 @@ CEP_HOST_DEVICE void gaussian_from_words(uint32_t w0, uint32_t w1, float* n0, fl
 
 // The four noise values of one Philox call (lanes 0..3).
 CEP_HOST_DEVICE void noise_block(uint64_t block, uint64_t seed, bool gaussian, float out[4]) {
-  uint32_t words[4];
-  philox4x32_10(block, seed, words);
+  uint32_t words[4][1];
+  philox4x32_10<1>(block, seed, words);
   if (gaussian) {
-    gaussian_from_words(words[0], words[1], &out[0], &out[1]);
-    gaussian_from_words(words[2], words[3], &out[2], &out[3]);
+    gaussian_from_words(words[0][0], words[1][0], &out[0], &out[1]);
+    gaussian_from_words(words[2][0], words[3][0], &out[2], &out[3]);
   } else {
-    for (int lane = 0; lane < 4; ++lane) out[lane] = uniform_from_word(words[lane]);
+    for (int lane = 0; lane < 4; ++lane) out[lane] = uniform_from_word(words[lane][0]);
   }
 }
 
