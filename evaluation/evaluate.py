@@ -216,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
                    help="'classifier' (trained here per data set) or a TorchScript/.pt2 feature module path")
     p.add_argument("--extractor-size", type=int, default=None, help="resize images to this size for --extractor")
     p.add_argument("--extractor-channels", type=int, default=None, help="repeat gray images to this many channels")
-    p.add_argument("--extractor-range", default="0,1", choices=ScriptedExtractor.VALUE_RANGES)
+    p.add_argument("--extractor-range", default="0,1", choices=ScriptedExtractor.VALUE_RANGES,
+                   metavar="{0,1 | -1,1 | 0,255}", help="pixel range the --extractor module expects")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the per-data-set classifier is cached")
     p.add_argument("--classifier-steps", type=int, default=600, help="training steps of that classifier")
     p.add_argument("--text-tower", default=None, help="TorchScript text tower (list[str] -> [B, D]) for CLIP score")
