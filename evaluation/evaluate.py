@@ -154,10 +154,12 @@ def evaluate(args) -> list[dict]:
         reference_seconds = time.perf_counter() - start
     for guidance in args.guidance:
         out_dir = run_dir / "samples" / f"{args.sampler}-{args.steps}-g{guidance:g}-eta{args.eta:g}"
+        reused = sum((out_dir / f"{s:06d}.png").is_file() for s in seeds)   # written by an earlier evaluation
         start = time.perf_counter()
         generate(sampler, out_dir, seeds, guidance, args.sampler, args.steps, args.eta, args.batch_size,
                  not args.no_progress)
         sample_seconds = time.perf_counter() - start
+        generated = len(seeds) - reused
         if rank != 0:
             continue
         start = time.perf_counter()
@@ -186,8 +188,9 @@ def evaluate(args) -> list[dict]:
                     "cep_gamma": config["model"].get("cep_gamma"), "model": config["model"]},
             "metrics": values,
             "timing": {"sample_seconds": sample_seconds, "metric_seconds": metric_seconds,
-                       "reference_seconds": reference_seconds,
-                       "sample_seconds_per_1000": 1000 * sample_seconds / len(seeds),
+                       "reference_seconds": reference_seconds, "samples_generated": generated,
+                       "samples_reused": reused,
+                       "sample_seconds_per_1000": 1000 * sample_seconds / generated if generated else None,
                        "metric_seconds_per_1000": 1000 * metric_seconds / len(seeds)},
             "versions": library_versions(),
         }

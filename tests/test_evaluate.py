@@ -65,6 +65,8 @@ def test_rerun_resumes_and_reproduces(evaluated):
     again = evaluate(parser().parse_args(argv))
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]   # same seeds -> same numbers
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert [r["timing"]["samples_reused"] for r in again] == [24, 24]
+    assert again[0]["timing"]["sample_seconds_per_1000"] is None
 
 
 def test_exported_extractor_by_path(evaluated):
