@@ -5,7 +5,8 @@
 Prints one markdown table: fused vs eager (perturb + 2 linears + SDPA) forward and forward+backward times and
 speed-ups at B=8 H=8 N=1024 Dh=64 C=768 with M=77 and M=1 text tokens, peak memory of forward+backward, achieved
 GFLOP/s next to a 4096^2 fp32 matmul measured in the same run, and cep::perturb vs eager at 16M floats. Eager and
-fused runs alternate and the table reports medians, so a busy machine slows both alike.
+fused runs alternate and the table reports medians, so a busy machine slows both alike. On a shared machine, run
+with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads otherwise lose their time slices to the other processes.
 """
 import argparse
 import os
@@ -159,7 +160,8 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; 4096^2 matmul: {peak:.0f} GFLOP/s; "
           f"shapes B={SHAPE['batch']} H={SHAPE['heads']} N={SHAPE['queries']} Dh={SHAPE['head_dim']} "
-          f"C={SHAPE['channels']}; medians of {args.repeats}")
+          f"C={SHAPE['channels']}; medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print("| case | eager twin | fused (models._C) | speed-up | achieved | bar |")
     print("|---|---|---|---|---|---|")
     for row in rows:
