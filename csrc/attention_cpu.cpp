@@ -1,14 +1,15 @@
 // cep::cross_attention on the CPU: perturb the context (Philox, csrc/philox.h), project K and V, then a flash-style
 // attention over (batch, head, query tile) work items with an online softmax across key tiles (Dao et al. 2022,
 // Alg. 1). Forward saves only the row log-sum-exp; backward regenerates the noise and K/V and recomputes the
-// probabilities tile by tile from it (Alg. 2). Tile products go through BLAS (at::mm_out / addmm_ on views of raw
+// probabilities tile by tile from it (Alg. 2). Tile products go through BLAS (at::cpu::mm_out / addmm_ on views of raw
 // buffers); the softmax row loops live in tile_math.h (auto-vectorized, multi-versioned for AVX-512/AVX2).
 //
 // Fully masked rows (every key of a batch element masked): output 0, lse = -inf, and zero gradients.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>  // at::cpu::*: straight to the CPU kernels, no dispatcher round trip
+#include <ATen/ops/mm_cpu_dispatch.h>
 
 #include "attention_common.h"
 #include "tile_math.h"
@@ -57,7 +58,7 @@ void tile_scores(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t 
                  at::Tensor& scores) {
   const at::Tensor q_tile = view(p.q_rows(b, h, n0), nt, p.s.head_dim, p.s.head_dim);
   const at::Tensor k_tile = view(p.k + p.kv_index(b, h, m0), mt, p.s.head_dim, p.width());
-  scores.addmm_(q_tile, k_tile.t(), /*beta=*/0, /*alpha=*/p.scale);
+  at::cpu::addmm_(scores, q_tile, k_tile.t(), /*beta=*/0, /*alpha=*/p.scale);
   if (p.mask == nullptr) return;
   T* sc = scores.data_ptr<T>();
   for (int64_t j = 0; j < mt; ++j) {
@@ -98,7 +99,7 @@ void forward_item(const Problem<T>& p, int64_t b, int64_t h, int64_t n0, int64_t
       T* acc_row = out_rows + i * dh;
       for (int64_t d = 0; d < dh; ++d) acc_row[d] *= correction[i];
     }
-    acc.addmm_(scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()), /*beta=*/first ? 0 : 1);
+    at::cpu::addmm_(acc, scores, view(p.v + p.kv_index(b, h, m0), mt, dh, p.width()), /*beta=*/first ? 0 : 1);
   }
   for (int64_t i = 0; i < nt; ++i) {
     lse_rows[i] = row_sum[i] > 0 ? row_max[i] + std::log(row_sum[i]) : kMinusInf<T>;
@@ -135,11 +136,13 @@ void backward_item(const Problem<T>& p, int64_t b, int64_t h, const T* grad_out,
       probs_from_lse_tile(probs_ptr, nt, mt, lse_rows);
       const at::Tensor k_tile = view(p.k + p.kv_index(b, h, m0), mt, dh, width);
       const at::Tensor v_tile = view(p.v + p.kv_index(b, h, m0), mt, dh, width);
-      view(grad_v + p.kv_index(b, h, m0), mt, dh, width).addmm_(probs.t(), go_tile);  // dV += P^T dO
-      at::mm_out(dprobs, go_tile, v_tile.t());                                        // dP = dO V^T
+      at::Tensor dv_tile = view(grad_v + p.kv_index(b, h, m0), mt, dh, width);
+      at::Tensor dk_tile = view(grad_k + p.kv_index(b, h, m0), mt, dh, width);
+      at::cpu::addmm_(dv_tile, probs.t(), go_tile);  // dV += P^T dO
+      at::cpu::mm_out(dprobs, go_tile, v_tile.t());  // dP = dO V^T
       softmax_grad_tile(probs_ptr, dprobs_ptr, nt, mt, delta);  // dS = P * (dP - D)
-      dq_tile.addmm_(dprobs, k_tile, /*beta=*/m0 == 0 ? 0 : 1, /*alpha=*/p.scale);                 // dQ = s dS K
-      view(grad_k + p.kv_index(b, h, m0), mt, dh, width).addmm_(dprobs.t(), q_tile, 1, p.scale);  // dK += s dS^T Q
+      at::cpu::addmm_(dq_tile, dprobs, k_tile, /*beta=*/m0 == 0 ? 0 : 1, /*alpha=*/p.scale);  // dQ = s dS K
+      at::cpu::addmm_(dk_tile, dprobs.t(), q_tile, /*beta=*/1, /*alpha=*/p.scale);            // dK += s dS^T Q
     }
   }
 }
