@@ -24,12 +24,12 @@ from training.presets import build_diffusion, load_preset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loop_images_per_second(preset: str, images: int, processes: int) -> float:
+def loop_images_per_second(preset: str, images: int, processes: int, threads: int) -> float:
     """Median images/s over the status ticks of a real run (the first tick, with warm-up, is left out)."""
     with tempfile.TemporaryDirectory() as run_dir:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
             if processes > 1 else [sys.executable]
-        env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run([*launcher, "-m", "training.train", "--preset", preset, "--run-dir", run_dir,
                         "--total-images", str(images), "--log-every-images", str(images // 8),
                         "--checkpoint-every-images", str(images), "--no-progress", "--set", "logging.num_samples=1",
@@ -38,9 +38,9 @@ def loop_images_per_second(preset: str, images: int, processes: int) -> float:
     return statistics.median(t["images_per_second"] for t in ticks[1:])
 
 
-def bare_images_per_second(preset: str, steps: int = 30) -> float:
+def bare_images_per_second(preset: str, threads: int, steps: int = 30) -> float:
     """The eager twin: forward, backward and AdamW step on random batches of the preset's shape."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     config = load_preset(preset)
     config = complete_config(config, load_dataset("digits", image_size=config["data"]["image_size"]), None)
     torch.manual_seed(0)
@@ -65,14 +65,16 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["dit-tiny-digits", "unet-tiny-digits"])
     parser.add_argument("--images", type=int, default=12_800, help="images per measured run")
     args = parser.parse_args()
-    print("| preset | train.py, 1 process (img/s) | train.py, torchrun 2 processes (img/s) | bare eager loop (img/s) "
-          "| train.py / bare |")
-    print("|---|---|---|---|---|")
+    print("img/s; threads = intra-op threads per process (OpenMP oversubscription on a busy machine is costly)")
+    print("| preset | threads | train.py, 1 process | bare eager loop, 1 process | train.py / bare "
+          "| train.py, torchrun 2 processes x 1 thread |")
+    print("|---|---|---|---|---|---|")
     for preset in args.presets:
-        one = loop_images_per_second(preset, args.images, 1)
-        two = loop_images_per_second(preset, args.images, 2)
-        bare = bare_images_per_second(preset)
-        print(f"| {preset} | {one:.0f} | {two:.0f} | {bare:.0f} | {one / bare:.2f} |", flush=True)
+        two = loop_images_per_second(preset, args.images, 2, 1)
+        for threads in (1, 2):
+            one = loop_images_per_second(preset, args.images, 1, threads)
+            bare = bare_images_per_second(preset, threads)
+            print(f"| {preset} | {threads} | {one:.0f} | {bare:.0f} | {one / bare:.2f} | {two:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def test_repeated_nonfinite_loss_aborts(tmp_path, monkeypatch):
     (["--batch-size", "15", "--grad-accum", "2"], ValueError, "--batch-size 15 must be divisible"),
     (["--precision", "fp8"], ValueError, "--precision"),
     (["--lr", "-1"], ValueError, "--lr"),
+    (["--ema-decay", "1.0"], ValueError, "--ema-decay"),
     (["--corruption-ratio", "1.5"], ValueError, "eta"),
     (["--corruption", "flip-all"], ValueError, "--corruption"),
     (["--corruption", "asymmetric"], ValueError, "--corruption-classes"),

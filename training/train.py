@@ -127,6 +127,8 @@ def check_config(config: dict, world_size: int) -> None:
             raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
     if training["lr"] <= 0:
         raise ValueError(f"--lr must be > 0, got {training['lr']!r}")
+    if not isinstance(training["ema_decay"], (int, float)) or not 0 <= training["ema_decay"] < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {training['ema_decay']!r}")
 
 
 def learning_rate(training: dict, images_seen: int) -> float:
