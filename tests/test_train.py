@@ -161,6 +161,7 @@ def test_repeated_nonfinite_loss_aborts(tmp_path, monkeypatch):
     (["--precision", "fp8"], ValueError, "--precision"),
     (["--lr", "-1"], ValueError, "--lr"),
     (["--ema-decay", "1.0"], ValueError, "--ema-decay"),
+    (["--seed", "-1"], ValueError, "--seed"),
     (["--corruption-ratio", "1.5"], ValueError, "eta"),
     (["--corruption", "flip-all"], ValueError, "--corruption"),
     (["--corruption", "asymmetric"], ValueError, "--corruption-classes"),

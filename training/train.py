@@ -109,6 +109,8 @@ def parse_args(argv=None) -> tuple[dict, Path, bool]:
 def check_config(config: dict, world_size: int) -> None:
     """Clear errors, naming the flag, before any work is done."""
     training, logging = config["training"], config["logging"]
+    if not isinstance(config["seed"], int) or isinstance(config["seed"], bool) or config["seed"] < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {config['seed']!r}")
     for flag, value in (("--batch-size", training["batch_size"]), ("--grad-accum", training["grad_accum"]),
                         ("--total-images", training["total_images"]), ("--max-nonfinite", training["max_nonfinite"]),
                         ("--log-every-images", logging["log_every_images"]),
