@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "multiversion.h"
@@ -34,6 +35,31 @@ CEP_ALWAYS_INLINE float softmax_exp(float x) {
 }
 inline double softmax_exp(double x) { return std::exp(x); }
 
+// max over a row. The fp32 version keeps 8 running maxima in a GCC vector (the ternary on vector types becomes
+// maxps/blends for each clone's ISA): GCC does not vectorize an IEEE max reduction written as a scalar loop.
+typedef float Float8 __attribute__((vector_size(32)));
+
+CEP_ALWAYS_INLINE float max_of_row(const float* row, int64_t n) {
+  constexpr float lowest = kMinusInf<float>;
+  Float8 running = {lowest, lowest, lowest, lowest, lowest, lowest, lowest, lowest};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    Float8 values;
+    std::memcpy(&values, row + j, sizeof(values));
+    running = values > running ? values : running;
+  }
+  float result = lowest;
+  for (int lane = 0; lane < 8; ++lane) result = running[lane] > result ? running[lane] : result;
+  for (; j < n; ++j) result = row[j] > result ? row[j] : result;
+  return result;
+}
+
+CEP_ALWAYS_INLINE double max_of_row(const double* row, int64_t n) {
+  double result = kMinusInf<double>;
+  for (int64_t j = 0; j < n; ++j) result = std::max(result, row[j]);
+  return result;
+}
+
 // Online-softmax update of one score tile [nt, mt] (Dao et al. 2022, Alg. 1): per row, the new running max m, the
 // factor exp(m_old - m_new) for what was accumulated so far (returned in `correction`), scores -> exp(s - m_new) in
 // place, and the running sum l. Rows without any valid key so far keep m = -inf, l = 0, correction = 1.
@@ -41,10 +67,7 @@ template <typename T>
 CEP_ALWAYS_INLINE void online_softmax_tile_impl(T* scores, int64_t nt, int64_t mt, T* row_max, T* row_sum, T* correction) {
   for (int64_t i = 0; i < nt; ++i) {
     T* row = scores + i * mt;
-    T tile_max = kMinusInf<T>;
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t j = 0; j < mt; ++j) tile_max = std::max(tile_max, row[j]);
-    const T new_max = std::max(row_max[i], tile_max);
+    const T new_max = std::max(row_max[i], max_of_row(row, mt));
     const bool empty = new_max == kMinusInf<T>;
     const T shift = empty ? T(0) : new_max;
     T sum = 0;
