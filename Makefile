@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h
 demo: install
 	$(BIN)/python -m gmm_theory.verify --out $(OUT)/theory
 
+# One OpenMP thread per xdist worker: two workers on two cores (oversubscribed threads made the suite ~8x slower).
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations=15 tests
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python -m benchmarks.$$(basename $$f .py) || exit 1; done
