@@ -225,11 +225,22 @@ def _check_attention_args(q, context, w_k, w_v, key_mask):
             raise ValueError(f"key_mask device {key_mask.device} != q device {q.device}")
 
 
+def _autocast_to_float(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def cross_attention(q, context, w_k, w_v, key_mask=None, gamma: float = 0.0, mode: str = "uniform", seed: int = 0,
                     offset: int = 0, dim: int | None = None):
     """Fused CEP cross-attention: q [B,H,N,Dh], context [B,M,C], w_k/w_v [H*Dh, C], key_mask bool [B,M] (True =
     attend) -> [B,H,N,Dh] = softmax(q K^T / sqrt(Dh)) V with K, V = perturb(context) @ w^T split into heads.
     Batch elements with every key masked give 0 (zero gradients). gamma = 0 is plain cross-attention."""
+    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+        # Under autocast q arrives in bf16/fp16 while the condition tokens and weights stay fp32. The op accumulates in
+        # fp32 anyway, so it runs on fp32 inputs with autocast off (which would otherwise re-cast the BLAS calls made
+        # inside the kernel) and returns fp32, like autocast's fp32 ops (softmax).
+        with torch.autocast(q.device.type, enabled=False):
+            return cross_attention(*(_autocast_to_float(t) for t in (q, context, w_k, w_v)), key_mask, gamma, mode,
+                                   seed, offset, dim)
     _check_attention_args(q, context, w_k, w_v, key_mask)
     dim = _resolve_dim(context, dim)
     _check_stream(gamma, mode, seed, offset, context.numel())

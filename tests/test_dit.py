@@ -157,6 +157,18 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_attention_path_trains_under_autocast(dtype):
+    """Under autocast q is half precision while the condition tokens and K/V weights stay fp32."""
+    model = randomize(tiny(cond_mode="cross-attention", control_dim=5, cep_mode="uniform", cep_gamma=1.0))
+    x, t, y = inputs()
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x, t, y=y, control=torch.rand(3, 5))
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @settings(max_examples=15, deadline=None)
 @given(patch=st.sampled_from([1, 2, 4]), grid=st.integers(1, 4), heads=st.integers(1, 3),
        head_dim=st.sampled_from([4, 8]), depth=st.integers(1, 2), cross=st.booleans(), learn_sigma=st.booleans(),
