@@ -234,7 +234,8 @@ def cross_attention(q, context, w_k, w_v, key_mask=None, gamma: float = 0.0, mod
     """Fused CEP cross-attention: q [B,H,N,Dh], context [B,M,C], w_k/w_v [H*Dh, C], key_mask bool [B,M] (True =
     attend) -> [B,H,N,Dh] = softmax(q K^T / sqrt(Dh)) V with K, V = perturb(context) @ w^T split into heads.
     Batch elements with every key masked give 0 (zero gradients). gamma = 0 is plain cross-attention."""
-    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+    if isinstance(q, torch.Tensor) and torch.amp.is_autocast_available(q.device.type) \
+            and torch.is_autocast_enabled(q.device.type):
         # Under autocast q arrives in bf16/fp16 while the condition tokens and weights stay fp32. The op accumulates in
         # fp32 anyway, so it runs on fp32 inputs with autocast off (which would otherwise re-cast the BLAS calls made
         # inside the kernel) and returns fp32, like autocast's fp32 ops (softmax).
