@@ -44,11 +44,15 @@ class PrecomputedFeatures(nn.Module):
 #                        torchmetrics-backed metrics                            #
 #################################################################################
 
+# Every metric gets the full feature sets of one process (rank 0 scores, other ranks only sample), so torchmetrics must
+# not gather across ranks on compute(): under torchrun its sync would meet the other ranks' sampling barriers.
+LOCAL = {"sync_on_compute": False}
+
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID (Heusel et al. 2017) on pooled features; sFID (Nash et al. 2021) when given spatial features."""
     real = _check_features("real", real)
     fake = _check_features("fake", fake, dim=real.shape[1])
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), **LOCAL)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -63,7 +67,7 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, subsets: i
     with warnings.catch_warnings():  # its "saves all features" warning: intended, features are already in memory
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
         metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
-                                         subset_size=subset_size)
+                                         subset_size=subset_size, **LOCAL)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng():  # torchmetrics draws subsets from the global RNG; seed it locally
@@ -77,7 +81,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     logits = _check_features("logits", logits, min_rows=splits)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
-        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits, **LOCAL)
     metric.update(logits)
     with torch.random.fork_rng():  # the split assignment is a global-RNG permutation
         torch.manual_seed(seed)

@@ -1,6 +1,8 @@
 """evaluation/evaluate.py and report.py end to end on a tiny trained run."""
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +69,21 @@ def test_rerun_resumes_and_reproduces(evaluated):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     assert [r["timing"]["samples_reused"] for r in again] == [24, 24]
     assert again[0]["timing"]["sample_seconds_per_1000"] is None
+
+
+def test_torchrun_two_ranks_reproduce_the_single_process_numbers(evaluated, tmp_path):
+    """Ranks split the seeds; rank 0 scores. Also guards against metric code joining collectives (torchmetrics' sync)
+    that would pair with the other rank's sampling barriers."""
+    run, _, argv, records = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("samples", "metrics.jsonl"))
+    argv = [copy.as_posix() if a == str(run) else a for a in argv]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "evaluation.evaluate", *argv],
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in lines] == [2, 2]
+    assert [r["metrics"] for r in lines] == [r["metrics"] for r in records]
 
 
 def test_exported_extractor_by_path(evaluated):
