@@ -9,6 +9,7 @@ import torch
 from training.corruption import (CORRUPTION_KINDS, asymmetric_flip, check_ratio, class_prior, save_corruption,
                                  swap_captions, symmetric_flip)
 from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, template_captions
+from training.sources import StreamedImages, StreamedPixelSource, StreamIndex, is_streamed, open_stream
 
 CONDITIONS = ("class", "text", "none")
 # A small from-scratch text encoder (models/text_encoder.py); paper 1's bert-base cannot be downloaded here.
@@ -25,11 +26,42 @@ class TrainingData:
     num_items: int
 
 
-def load_training_data(config: dict) -> ImageDataset:
+def load_training_data(config: dict):
+    """The data set's catalogue (labels, captions, class names): an in-memory ImageDataset, the index of streamed
+    images (tar shards; an image folder with data.stream) or memory-mapped latent shards (data.latents)."""
     data = config["data"]
+    if data.get("latents"):
+        from training.latent_shards import LatentShards
+
+        return LatentShards(data["latents"])
     margin = data["crop_margin"] if data["random_crop"] else 0
+    if is_streamed(data["dataset"]) or data.get("stream"):
+        return open_stream(data["dataset"])
     return load_dataset(data["dataset"], data["path"], data["split"], data["image_size"], data["channels"],
                         data["resize"], margin)
+
+
+def input_source(config: dict, dataset, run_dir: Path | None, rank: int, device):
+    """What turns data-set indices into model inputs: latents (memory-mapped shards, or encoded once here with an
+    autoencoder), streamed pixels decoded by worker processes, or in-memory pixels."""
+    data = config["data"]
+    if data.get("latents"):
+        from training.latents import LatentSource
+
+        return LatentSource.from_shards(dataset, config, device)
+    if config.get("latent"):
+        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
+
+        if isinstance(dataset, StreamIndex):
+            raise ValueError("--autoencoder encodes the whole data set in memory; for streamed data encode once with "
+                             "`python -m training.encode_latents --out DIR ...` and train with --latents DIR")
+        return LatentSource.build(dataset, config, run_dir, rank, device)
+    if isinstance(dataset, StreamIndex):
+        store_size = data["image_size"] + (data["crop_margin"] if data["random_crop"] else 0)
+        images = StreamedImages(dataset, store_size, data["channels"], data["resize"])
+        return StreamedPixelSource(images, data["image_size"], data["hflip"], data["random_crop"],
+                                   data.get("num_workers", 0))
+    return PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
 
 
 def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int, int, int] | None) -> dict:
@@ -114,14 +146,7 @@ def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict
     """(completed config, training data) for a run."""
     dataset = load_training_data(config)
     labels, captions, prior = corrupt_conditions(config, dataset, run_dir, rank)  # before any slow encoding
-    data = config["data"]
-    if config.get("latent"):
-        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
-
-        source = LatentSource.build(dataset, config, run_dir, rank, device)
-        latent_shape = source.shape
-    else:
-        source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
-        latent_shape = None
+    source = input_source(config, dataset, run_dir, rank, device)
+    latent_shape = source.shape if hasattr(source, "decode") else None
     config = transfer_defaults(complete_config(config, dataset, latent_shape))
     return config, TrainingData(source, labels, captions, prior, len(dataset))

@@ -252,3 +252,29 @@ class StreamedPixelSource:
             raise RuntimeError("streamed batch does not match the training loop's data order (start() was given "
                                "other positions)")
         return augment(images, sizes, self.image_size, self.hflip, self.random_crop, generator)
+
+
+class InMemoryImages(torch.utils.data.Dataset):
+    """An in-memory ImageDataset behind the StreamedImages interface (the encode command reads both alike)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset.images[i], self.dataset.original_sizes[i]
+
+
+def open_images(name: str, data_path: str | None, split: str, store_size: int, channels: int, resize: str,
+                stream: bool):
+    """(a Dataset of (i, uint8 [C, S, S], original (h, w)), its catalogue with labels / captions / class names).
+    Tar shards always stream, an image folder streams when `stream`; the small sets load into memory as before."""
+    if is_streamed(name) or (stream and Path(name).is_dir()):
+        index = open_stream(name)
+        return StreamedImages(index, store_size, channels, resize), index
+    from training.data import load_dataset
+
+    dataset = load_dataset(name, data_path, split, store_size, channels, resize)
+    return InMemoryImages(dataset), dataset
