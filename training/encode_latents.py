@@ -92,6 +92,8 @@ def encode_latents(args: dict, progress: bool = True) -> Path:
             "num_items": len(images)}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".shard-*.tmp*"):  # left by a killed job; no rank writes before check_spec's barrier
+            stale.unlink()
     check_spec(out, spec)
     num_shards = math.ceil(len(images) / args["shard_size"])
     mine = [k for k in range(rank, num_shards, world_size) if not shard_path(out, k).exists()]

@@ -52,20 +52,19 @@ def map_shard(path: Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as handle:
             header_size = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(header_size))
+        header.pop("__metadata__", None)
+        data_size = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if path.stat().st_size < 8 + header_size + data_size:
+            raise DatasetError(f"--latents shard {path} is truncated; delete it and re-run the encode command")
         arrays = {}
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             start, end = info["data_offsets"]
             dtype, shape = NUMPY_DTYPES[info["dtype"]], tuple(info["shape"])
             arrays[name] = (np.memmap(path, dtype, mode="r", offset=8 + header_size + start, shape=shape)
                             if end > start else np.zeros(shape, dtype))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+    except (OSError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"--latents shard {path} is unreadable ({error}); delete it and re-run the encode "
                            f"command") from error
-    if path.stat().st_size < 8 + header_size + max((i["data_offsets"][1] for k, i in header.items()
-                                                    if k != "__metadata__"), default=0):
-        raise DatasetError(f"--latents shard {path} is truncated; delete it and re-run the encode command")
     return arrays
 
 
