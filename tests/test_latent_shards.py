@@ -106,9 +106,9 @@ def test_training_on_cached_latents_matches_encoding_in_the_loop(tmp_path, autoe
 
 
 def test_encode_killed_midway_and_rerun_gives_the_same_shards(tmp_path, autoencoders):
-    source = write_shards(tmp_path / "tars", 1200, per_shard=400)
+    source = write_shards(tmp_path / "tars", 600, per_shard=200)
     command = [sys.executable, "-m", "training.encode_latents", "--dataset", str(source), "--autoencoder",
-               str(autoencoders["kl-f4-tiny"]), "--image-size", "32", "--shard-size", "60", "--batch-size", "20",
+               str(autoencoders["kl-f4-tiny"]), "--image-size", "16", "--shard-size", "30", "--batch-size", "10",
                "--num-workers", "1", "--no-progress"]
     reference = subprocess.Popen([*command, "--out", str(tmp_path / "reference")], cwd=REPO, env=ENV)
     victim = subprocess.Popen([*command, "--out", str(tmp_path / "killed")], cwd=REPO, env=ENV,

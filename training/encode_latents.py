@@ -61,22 +61,27 @@ def check_spec(out: Path, spec: dict) -> None:
 
 
 @torch.no_grad()
-def encode_shard(autoencoder, images, catalogue, start: int, end: int, args: dict, device) -> dict:
-    """Items [start, end) -> the shard's arrays (latent_shards.py)."""
-    batches = [list(range(b, min(b + args["batch_size"], end))) for b in range(start, end, args["batch_size"])]
-    parts = []
-    for _, pixels, sizes in loader(images, batches, args["num_workers"]):
+def encode_shards(autoencoder, images, catalogue, shards: list[int], args: dict, device, progress: bool) -> None:
+    """Encodes and writes the given shards; one DataLoader (workers started once) runs over all their batches."""
+    size, count, batch_size = args["shard_size"], len(images), args["batch_size"]
+    plan = [(shard, list(range(b, min(b + batch_size, (shard + 1) * size, count))))
+            for shard in shards for b in range(shard * size, min((shard + 1) * size, count), batch_size)]
+    parts, batches = [], loader(images, [indices for _, indices in plan], args["num_workers"])
+    for (shard, indices), (_, pixels, sizes) in tqdm(zip(plan, batches), total=len(plan), unit="batch",
+                                                     disable=not progress):
         x = to_model_range(pixels, args["image_size"]).to(device)
-        arrays = {"original_sizes": sizes.long(), **encode_moments(autoencoder, x)}
+        parts.append({"original_sizes": sizes.long(), **encode_moments(autoencoder, x)})
         if args["hflip"]:
-            arrays.update(encode_moments(autoencoder, x.flip(-1), prefix="flipped"))
-        parts.append(arrays)
-    shard = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    if catalogue.labels is not None:
-        shard["labels"] = catalogue.labels[start:end].clone()
-    if catalogue.captions is not None:
-        shard.update(pack_captions([catalogue.captions[i] for i in range(start, end)]))
-    return shard
+            parts[-1].update(encode_moments(autoencoder, x.flip(-1), prefix="flipped"))
+        if indices[-1] + 1 == min((shard + 1) * size, count):  # the shard's last batch
+            start, end = shard * size, indices[-1] + 1
+            arrays = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            if catalogue.labels is not None:
+                arrays["labels"] = catalogue.labels[start:end].clone()
+            if catalogue.captions is not None:
+                arrays.update(pack_captions([catalogue.captions[i] for i in range(start, end)]))
+            write_shard(shard_path(args["out"], shard), arrays)
+            parts = []
 
 
 def encode_latents(args: dict, progress: bool = True) -> Path:
@@ -97,11 +102,7 @@ def encode_latents(args: dict, progress: bool = True) -> Path:
     check_spec(out, spec)
     num_shards = math.ceil(len(images) / args["shard_size"])
     mine = [k for k in range(rank, num_shards, world_size) if not shard_path(out, k).exists()]
-    for shard in tqdm(mine, desc=f"rank {rank} shards", disable=not progress or rank != 0):
-        start = shard * args["shard_size"]
-        arrays = encode_shard(autoencoder, images, catalogue, start, min(start + args["shard_size"], len(images)),
-                              args, device)
-        write_shard(shard_path(out, shard), arrays)
+    encode_shards(autoencoder, images, catalogue, mine, args, device, progress and rank == 0)
     distributed.barrier()
     if rank == 0:
         latent_shape = map_shard(shard_path(out, 0))["latents"].shape[1:]
