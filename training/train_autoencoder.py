@@ -18,7 +18,8 @@ import torch.distributed as dist
 from models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_autoencoder
 from training import distributed
 from training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, record_config, save_checkpoint
-from training.data import DataOrder, augment, hash_seed, load_dataset
+from training.data import DataOrder, augment, hash_seed
+from training.sources import loader, open_images, step_indices
 from training.presets import parse_override
 from training.stats import RunLogger, crossed, save_image_grid
 
@@ -29,7 +30,10 @@ def parse_args(argv=None) -> tuple[dict, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(AUTOENCODER_PRESETS), help="autoencoder preset")
     parser.add_argument("--run-dir", required=True, help="output folder; re-running with it resumes")
-    parser.add_argument("--dataset", default="digits", help="digits | mnist | fashion-mnist | .npz | image folder")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits | mnist | fashion-mnist | .npz | image folder | tar shards (dir or glob)")
+    parser.add_argument("--stream", action="store_true", help="stream an image folder (tar shards always stream)")
+    parser.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
     parser.add_argument("--data-path", default=None, help="folder holding mnist.npz / fashion_mnist.npz")
     parser.add_argument("--image-size", type=int, default=8, help="training resolution in pixels")
     parser.add_argument("--resize", default="resize", help="resize | pad (fit images to --image-size)")
@@ -47,7 +51,7 @@ def parse_args(argv=None) -> tuple[dict, Path]:
     overrides = dict(parse_override(item) for item in args.set)
     config = {"autoencoder": {"preset": args.preset, **overrides}, "seed": args.seed,
               "data": {"dataset": args.dataset, "path": args.data_path, "image_size": args.image_size,
-                       "resize": args.resize, "hflip": args.hflip,
+                       "resize": args.resize, "hflip": args.hflip, "stream": args.stream,
                        "channels": AUTOENCODER_PRESETS[args.preset]["in_channels"]},
               "training": {"batch_size": args.batch_size, "total_images": args.total_images, "lr": args.lr,
                            "grad_clip": args.grad_clip},
@@ -57,12 +61,14 @@ def parse_args(argv=None) -> tuple[dict, Path]:
                         ("--checkpoint-every-images", args.checkpoint_every_images)):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     if not 0 < args.lr < math.inf:
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    return config, Path(args.run_dir)
+    return config, Path(args.run_dir), args.num_workers
 
 
-def train_autoencoder(config: dict, run_dir: Path) -> dict:
+def train_autoencoder(config: dict, run_dir: Path, num_workers: int = 0) -> dict:
     device = distributed.init()
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     training, data = config["training"], config["data"]
@@ -71,8 +77,8 @@ def train_autoencoder(config: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     record_config(run_dir, config)
     logger = RunLogger(run_dir, rank)
-    dataset = load_dataset(data["dataset"], data["path"], "train", data["image_size"], data["channels"],
-                           data["resize"])
+    images, _ = open_images(data["dataset"], data["path"], "train", data["image_size"], data["channels"],
+                            data["resize"], data.get("stream", False))
     torch.manual_seed(hash_seed(config["seed"], 0xA11))
     model = build_autoencoder(config["autoencoder"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=training["lr"], betas=(0.5, 0.9))  # LDM's first stage
@@ -84,15 +90,16 @@ def train_autoencoder(config: dict, run_dir: Path) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         images_seen = state["images_seen"]
         logger.log(f"resumed from {latest} at {images_seen} images")
-    order = DataOrder(len(dataset), hash_seed(config["seed"], 0xDA7A))
-    micro_batch = training["batch_size"] // world_size
+    order = DataOrder(len(images), hash_seed(config["seed"], 0xDA7A))
+    batches = iter(loader(images, step_indices(order, images_seen, training["total_images"], training["batch_size"],
+                                               world_size, rank, 1), num_workers))  # workers decode streamed images
     record, started = {}, time.perf_counter()
     while images_seen < training["total_images"]:
         step_seed = hash_seed(config["seed"], rank, images_seen)
         torch.manual_seed(step_seed)  # the KL posterior sample draws from the global RNG
-        indices = order.indices(images_seen + rank * micro_batch, micro_batch)
-        x, _ = augment(dataset.images[indices], dataset.original_sizes[indices], data["image_size"], data["hflip"],
-                       False, torch.Generator().manual_seed(step_seed))
+        _, pixels, sizes = next(batches)
+        x, _ = augment(pixels, sizes, data["image_size"], data["hflip"], False,
+                       torch.Generator().manual_seed(step_seed))
         loss, stats = model.loss(x.to(device))
         loss.backward()
         if world_size > 1:  # data parallel without DDP: the loss is a method, not forward, so average by hand
@@ -118,18 +125,17 @@ def train_autoencoder(config: dict, run_dir: Path) -> dict:
                                 config["logging"]["keep_checkpoints"])
             distributed.barrier()
     if rank == 0:
-        finish(model, dataset, config, run_dir, device, logger)
+        finish(model, images, config, run_dir, device, logger)
     distributed.barrier()
     return record
 
 
 @torch.no_grad()
-def finish(model, dataset, config, run_dir: Path, device, logger: RunLogger) -> None:
+def finish(model, images, config, run_dir: Path, device, logger: RunLogger) -> None:
     """Fits the latent scale factor, writes autoencoder.pt and a reconstruction grid (top: input, bottom: output)."""
     model.eval()
-    count = min(SCALE_FIT_IMAGES, len(dataset))
-    x, _ = augment(dataset.images[:count], dataset.original_sizes[:count], config["data"]["image_size"], False,
-                   False, torch.Generator())
+    _, pixels, sizes = next(iter(loader(images, [list(range(min(SCALE_FIT_IMAGES, len(images))))], 0)))
+    x, _ = augment(pixels, sizes, config["data"]["image_size"], False, False, torch.Generator())
     scale = model.fit_scale_factor(x.to(device))
     atomic_write(run_dir / "autoencoder.pt", lambda temporary: save_autoencoder(model, config["autoencoder"], temporary))
     reconstruction = model.decode(model.encode(x[:8].to(device))).cpu()
@@ -138,9 +144,9 @@ def finish(model, dataset, config, run_dir: Path, device, logger: RunLogger) -> 
 
 
 def main(argv=None) -> None:
-    config, run_dir = parse_args(argv)
+    config, run_dir, num_workers = parse_args(argv)
     try:
-        train_autoencoder(config, run_dir)
+        train_autoencoder(config, run_dir, num_workers)
     finally:
         distributed.shutdown()
 
