@@ -24,7 +24,7 @@ from training.presets import build_diffusion, load_preset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loop_images_per_second(preset: str, images: int, processes: int, threads: int) -> float:
+def loop_images_per_second(preset: str, images: int, processes: int, threads: int, *flags: str) -> float:
     """Median images/s over the status ticks of a real run (the first tick, with warm-up, is left out)."""
     with tempfile.TemporaryDirectory() as run_dir:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
@@ -33,7 +33,7 @@ def loop_images_per_second(preset: str, images: int, processes: int, threads: in
         subprocess.run([*launcher, "-m", "training.train", "--preset", preset, "--run-dir", run_dir,
                         "--total-images", str(images), "--log-every-images", str(images // 8),
                         "--checkpoint-every-images", str(images), "--no-progress", "--set", "logging.num_samples=1",
-                        "--set", "logging.sample_steps=2"], cwd=REPO, env=env, check=True, capture_output=True)
+                        "--set", "logging.sample_steps=2", *flags], cwd=REPO, env=env, check=True, capture_output=True)
         ticks = [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
     return statistics.median(t["images_per_second"] for t in ticks[1:])
 

@@ -43,6 +43,9 @@ class LatentSource:
         data, spec = config["data"], shards.manifest
         if data["random_crop"]:
             raise ValueError("--random-crop is not supported with --latents (latents are encoded once)")
+        if data.get("image_size", spec["image_size"]) != spec["image_size"]:
+            raise ValueError(f"--image-size {data['image_size']} differs from the {spec['image_size']} px that "
+                             f"{shards.root} was encoded at")
         if data["hflip"] and not shards.has("flipped"):
             raise ValueError(f"--hflip needs flipped latents: encode {shards.root} with --hflip")
         autoencoder, _ = load_autoencoder(autoencoder_file(spec["autoencoder"]), map_location=device)
