@@ -116,14 +116,14 @@ def open_stream(name: str) -> StreamIndex:
     """Index an image folder or tar shards (nothing is decoded here)."""
     path = Path(name)
     if path.is_dir() and not any(path.glob("*.tar")):
-        return _index_folder(path)
+        return index_folder(path)
     shards = sorted(path.glob("*.tar")) if path.is_dir() else sorted(glob.glob(name)) if "*" in name else [path]
     if not shards or not all(Path(s).is_file() for s in shards):
         raise DatasetError(f"data set {name}: no .tar shards found")
     return _index_tars([str(s) for s in shards], name)
 
 
-def _index_folder(root: Path) -> StreamIndex:
+def index_folder(root: Path) -> StreamIndex:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     files = [(f, label) for label, d in enumerate(class_dirs)
              for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -137,7 +137,7 @@ def _index_folder(root: Path) -> StreamIndex:
         except json.JSONDecodeError as error:
             raise DatasetError(f"data set {caption_file}: not valid JSON ({error})") from error
         keys = [f"{f.parent.name}/{f.name}" for f, _ in files]
-        missing = [k for k in keys if k not in caption_map]
+        missing = [k for k in keys if k not in caption_map] if isinstance(caption_map, dict) else keys
         if missing:
             raise DatasetError(f"data set {caption_file}: must map every '<class>/<file>' to a caption; "
                                f"missing e.g. {missing[:3]}")
