@@ -84,6 +84,20 @@ def test_a_corrupt_image_names_its_file(tmp_path):
         list(loader(images, [list(range(12))], num_workers=1))
 
 
+def test_a_corrupt_tar_member_names_shard_and_member(tmp_path):
+    root = write_shards(tmp_path / "bad", 20, per_shard=20)
+    shard = root / "00000.tar"
+    with tarfile.open(shard) as archive:
+        member = [m for m in archive.getmembers() if m.name.endswith(".png")][2]
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = bytes(member.size)  # zeroed image bytes
+    shard.write_bytes(bytes(data))
+    index = open_stream(str(root))
+    broken = [i for i in range(20) if index.offset[i] == member.offset_data][0]
+    with pytest.raises(DatasetError, match=f"00000.tar:{member.name}: unreadable image"):
+        StreamedImages(index, 8, 1)[broken]
+
+
 def test_a_truncated_shard_names_the_shard(tmp_path):
     root = write_shards(tmp_path / "cut", 40, per_shard=20)
     shard = root / "00001.tar"

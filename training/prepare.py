@@ -35,7 +35,7 @@ def load_training_data(config: dict):
 
         return LatentShards(data["latents"])
     margin = data["crop_margin"] if data["random_crop"] else 0
-    if is_streamed(data["dataset"]) or data.get("stream"):
+    if is_streamed(data["dataset"], data.get("stream", False)):
         return open_stream(data["dataset"])
     return load_dataset(data["dataset"], data["path"], data["split"], data["image_size"], data["channels"],
                         data["resize"], margin)

@@ -27,11 +27,11 @@ TAR_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_SUFFIXES = (".txt", ".json")
 
 
-def is_streamed(name: str) -> bool:
-    """Tar shards (a .tar file, a folder of them, or a brace-free glob like /data/cc3m/*.tar) stream; so does an image
-    folder when asked (data.stream)."""
+def is_streamed(name: str, stream: bool = False) -> bool:
+    """Tar shards (a .tar file, a folder of them, or a glob like /data/cc3m/*.tar) always stream; an image folder
+    streams when `stream` (data.stream / --stream); digits and .npz sets load into memory."""
     path = Path(name)
-    return name.endswith(".tar") or "*" in name or (path.is_dir() and any(path.glob("*.tar")))
+    return name.endswith(".tar") or "*" in name or (path.is_dir() and (stream or any(path.glob("*.tar"))))
 
 
 class PackedStrings:
@@ -73,10 +73,15 @@ class StreamIndex:
         return len(self.class_names)
 
     def location(self, i: int) -> str:
-        """The file (and tar member position) of item i, for error messages."""
+        """The file (shard:member for tar) of item i, for error messages."""
         if self.shard is None:
             return self.files[i]
-        return f"{self.files[int(self.shard[i])]} (member at byte {int(self.offset[i])})"
+        shard, offset = self.files[int(self.shard[i])], int(self.offset[i])
+        try:  # the member's 512-byte header sits right before its data
+            name = tarfile.TarInfo.frombuf(read_member(shard, offset - 512, 512), "utf-8", "surrogateescape").name
+        except (DatasetError, tarfile.TarError):
+            name = f"member at byte {offset}"
+        return f"{shard}:{name}"
 
     def read_image_bytes(self, i: int) -> bytes:
         if self.shard is None:
@@ -271,7 +276,7 @@ def open_images(name: str, data_path: str | None, split: str, store_size: int, c
                 stream: bool):
     """(a Dataset of (i, uint8 [C, S, S], original (h, w)), its catalogue with labels / captions / class names).
     Tar shards always stream, an image folder streams when `stream`; the small sets load into memory as before."""
-    if is_streamed(name) or (stream and Path(name).is_dir()):
+    if is_streamed(name, stream):
         index = open_stream(name)
         return StreamedImages(index, store_size, channels, resize), index
     from training.data import load_dataset
