@@ -230,8 +230,10 @@ def step_indices(order, start_images: int, total_images: int, batch_size: int, w
             yield order.indices(images_seen + (accum_round * world_size + rank) * micro_batch, micro_batch)
 
 
-def loader(images: StreamedImages, batches, num_workers: int, prefetch_factor: int = 4):
-    """A DataLoader over an iterable of index batches, in order (map-style: workers return batches in sequence)."""
+def loader(images, batches, num_workers: int, prefetch_factor: int = 4):
+    """A DataLoader over an iterable of index batches, in order (map-style: workers return batches in sequence).
+    In-memory images need no decoding, so they never start workers."""
+    num_workers = num_workers if isinstance(images, StreamedImages) else 0
     return torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers,
                                        prefetch_factor=prefetch_factor if num_workers else None,
                                        persistent_workers=False)

@@ -19,14 +19,14 @@ from models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_auto
 from training import distributed
 from training.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, record_config, save_checkpoint
 from training.data import DataOrder, augment, hash_seed
-from training.sources import loader, open_images, step_indices
 from training.presets import parse_override
+from training.sources import loader, open_images, step_indices
 from training.stats import RunLogger, crossed, save_image_grid
 
 SCALE_FIT_IMAGES = 1024
 
 
-def parse_args(argv=None) -> tuple[dict, Path]:
+def parse_args(argv=None) -> tuple[dict, Path, int]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(AUTOENCODER_PRESETS), help="autoencoder preset")
     parser.add_argument("--run-dir", required=True, help="output folder; re-running with it resumes")
