@@ -48,6 +48,9 @@ def test_tar_shards_hold_the_same_data_as_the_folder(folder, shards):
                                                                    range(0, COUNT, 89)]
     assert torch.equal(decoded(from_tars, 600)[0], decoded(from_folder, 600)[0])
     assert len(open_stream(str(shards / "*.tar"))) == COUNT and len(open_stream(str(shards / "00001.tar"))) == 500
+    in_memory = load_dataset(str(shards / "00001.tar"), image_size=8)  # small shard sets also load into memory
+    assert torch.equal(in_memory.images, decoded(from_folder, 1000)[0][500:]) and in_memory.captions[0] == \
+        from_folder.captions[500]
 
 
 def test_two_ranks_read_disjoint_parts_that_cover_each_epoch():

@@ -113,13 +113,17 @@ def _load_npz(path: Path, split: str):
 
 
 def _load_image_folder(root: Path, store_size: int, channels: int) -> ImageDataset:
-    """root/<class name>/<image>; optional root/captions.json maps "<class>/<file>" to a caption. Decoded here, all
-    at once, by the streamed source's own reader (training/sources.py)."""
-    from training.sources import StreamedImages, index_folder
+    """root/<class name>/<image> (optional root/captions.json maps "<class>/<file>" to a caption) or tar shards,
+    decoded here, all at once, by the streamed source's own reader (training/sources.py)."""
+    from training.sources import StreamedImages, index_folder, is_streamed, open_stream
 
-    if not root.is_dir():
-        raise DatasetError(f"data set {root}: not a known data set name, an .npz file or an existing folder")
-    index = index_folder(root)
+    if is_streamed(str(root)):
+        index = open_stream(str(root))
+    elif root.is_dir():
+        index = index_folder(root)
+    else:
+        raise DatasetError(f"data set {root}: not a known data set name, an .npz file, an existing folder or tar "
+                           f"shards")
     items = [StreamedImages(index, store_size, channels)[i] for i in range(len(index))]
     captions = None if index.captions is None else [index.captions[i] for i in range(len(index))]
     return ImageDataset(torch.stack([image for _, image, _ in items]), torch.stack([size for _, _, size in items]),
