@@ -11,6 +11,7 @@ Tar shards are read by random access (member offsets from the tar headers, found
 not streamed sequentially with `webdataset.WebDataset`: its shard shuffle + shuffle buffer gives an order that
 depends on the worker count and cannot be resumed at an image position, which the exact-resume contract needs.
 """
+import contextlib
 import glob
 import io
 import json
@@ -208,16 +209,32 @@ class StreamedImages(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(self.index.read_image_bytes(i))) as image:
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
-        except (OSError, SyntaxError, ValueError) as error:  # PIL raises all three for broken files
-            raise DatasetError(f"data set {self.index.location(i)}: unreadable image ({error})") from error
+        with open_image(self.index, i) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
         pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
         return i, fit_to_size(pixels, self.store_size, self.resize)[0], torch.tensor(array.shape[:2])
+
+
+@contextlib.contextmanager
+def open_image(index: StreamIndex, i: int):
+    """PIL image of item i (lazy: .size reads only the header); any decoding error names the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(index.read_image_bytes(i))) as image:
+            yield image
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises all three for broken files
+        raise DatasetError(f"data set {index.location(i)}: unreadable image ({error})") from error
+
+
+def header_sizes(index: StreamIndex, count: int = 4096) -> torch.Tensor:
+    """(h, w) of the first `count` images, int64 [n, 2], from their headers (for paper 2's sampling control)."""
+    sizes = []
+    for i in range(min(count, len(index))):
+        with open_image(index, i) as image:
+            sizes.append((image.height, image.width))
+    return torch.tensor(sizes, dtype=torch.int64)
 
 
 def step_indices(order, start_images: int, total_images: int, batch_size: int, world_size: int, rank: int,
