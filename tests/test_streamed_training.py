@@ -110,5 +110,6 @@ def test_text_conditional_unet_trains_from_latent_shards(tmp_path, data):
            "--set", "logging.sample_steps=2", "--run-dir", str(run_dir)])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["in_channels"] == 3 and config["model"]["image_size"] == 4
+    assert config["latent"]["autoencoder"] == str((tmp_path / "ae.pt").resolve())  # what sampling decodes with
     assert len(np.load(run_dir / "corruption.npz")["caption_sources"]) == 200
     assert (run_dir / "samples").is_dir()

@@ -145,6 +145,8 @@ def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None
 def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict, TrainingData]:
     """(completed config, training data) for a run."""
     dataset = load_training_data(config)
+    if config["data"].get("latents"):  # samples decode with the autoencoder that encoded the shards
+        config["latent"] = {**(config.get("latent") or {}), "autoencoder": dataset.manifest["autoencoder"]}
     labels, captions, prior = corrupt_conditions(config, dataset, run_dir, rank)  # before any slow encoding
     source = input_source(config, dataset, run_dir, rank, device)
     latent_shape = source.shape if hasattr(source, "decode") else None
