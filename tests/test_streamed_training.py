@@ -104,7 +104,7 @@ def test_text_conditional_unet_trains_from_latent_shards(tmp_path, data):
     encode(["--dataset", str(shards), "--autoencoder", str(tmp_path / "ae.pt"), "--out", str(tmp_path / "latents"),
             "--image-size", "16", "--shard-size", "512", "--num-workers", "1", "--no-progress"])
     run_dir = tmp_path / "ldm"
-    train(["--preset", "text-tiny-digits", "--set", 'model={"arch": "unet", "preset": "UNet-micro"}',
+    train(["--preset", "text-tiny-digits", "--set", "model.arch=unet", "--set", "model.preset=UNet-micro",
            "--latents", str(tmp_path / "latents"), "--image-size", "16", "--batch-size", "16", "--total-images", "32",
            "--corruption-ratio", "0.1", "--grad-checkpointing", "--no-progress", "--set", "logging.num_samples=4",
            "--set", "logging.sample_steps=2", "--run-dir", str(run_dir)])
