@@ -3,7 +3,8 @@ grows. Writes N and 10 x N generated JPEGs (64x64, grayscale) as img2dataset-sty
   - loader images/s with 0, 1 and 2 worker processes (decode + resize to the tiny preset's 8x8, batches of 64),
   - the tiny preset's consumption: images/s of training.train (dit-tiny-digits, 1 process) on the in-memory digits
     and on the streamed shards (2 workers),
-  - peak RSS of a process that reads every image of N and of 10 x N (its own + its workers' peak).
+  - peak RSS of a process that reads every image of N and of 10 x N, and of a training rank on each (its own and
+    its workers' peak).
 
     python -m benchmarks.bench_data [--images 2000] [--train-images 6400]
 """
@@ -65,6 +66,20 @@ def peak_rss_mib(shards: Path) -> tuple[float, float]:
     return tuple(json.loads(out.splitlines()[-1]))
 
 
+def training_rss_mib(shards: Path, images: int) -> tuple[float, float]:
+    """(rank, largest worker) peak RSS in MiB of a training.train process (dit-tiny-digits, 2 workers) that builds
+    the index of every image and trains on `images` of them."""
+    script = ("import json, resource, sys, tempfile; from training.train import main; "
+              "main(sys.argv[1:] + ['--run-dir', tempfile.mkdtemp()]); "
+              "print(json.dumps([resource.getrusage(w).ru_maxrss / 1024 for w in "
+              "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]))")
+    out = subprocess.run([sys.executable, "-c", script, "--preset", "dit-tiny-digits", "--dataset", str(shards),
+                          "--num-workers", "2", "--total-images", str(images), "--no-progress", "--set",
+                          "logging.num_samples=1", "--set", "logging.sample_steps=2"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return tuple(json.loads(out.splitlines()[-1]))
+
+
 def rss_child(shards: str) -> None:
     images = StreamedImages(open_stream(shards), STORE_SIZE, 1)
     batches = [list(range(i, min(i + BATCH, len(images)))) for i in range(0, len(images), BATCH)]
@@ -99,6 +114,9 @@ def main() -> None:
         for name, shards in ((f"N = {args.images}", small), (f"10N = {10 * args.images}", large)):
             own, worker = peak_rss_mib(shards)
             print(f"peak RSS reading {name} images: main {own:.0f} MiB, largest worker {worker:.0f} MiB")
+            rank, worker = training_rss_mib(shards, 1280)
+            print(f"peak RSS of a training rank on {name} images (1280 trained): rank {rank:.0f} MiB, "
+                  f"largest worker {worker:.0f} MiB")
 
 
 if __name__ == "__main__":
