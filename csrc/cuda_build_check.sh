@@ -4,9 +4,9 @@
 # `pip install --no-build-isolation -e .` of a copy of this tree, which builds setup.py's CUDAExtension with nvcc for
 # TORCH_CUDA_ARCH_LIST; csrc/cuda_build_check.py then imports models._C and checks what can be checked without a GPU
 # (linked, registered, fake kernels, SASS per arch). No kernel is ever executed.
-# The venv and the copy live outside the clone (CEPDIFF_CACHE, default ~/.cache/cepdiff): CI runs on one machine reuse
-# the torch install and ninja recompiles only changed sources; on a fresh machine everything is built. Building in a
-# copy keeps the clone's own CPU models/_C (used by .venv) untouched.
+# The venv lives outside the clone (CEPDIFF_CACHE, default ~/.cache/cepdiff), so CI runs on one machine reuse the torch
+# install (a fresh machine creates it); the extension is built from scratch every run (setuptools' editable build uses
+# a temporary build directory). Building in a copy keeps the clone's own CPU models/_C (used by .venv) untouched.
 # Environment: CEPDIFF_CACHE, CUDA_HOME (default: the toolkit of `nvcc` on PATH), PYTHON (default python3),
 # TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS (default 2).
 set -euo pipefail
@@ -51,19 +51,14 @@ fi
 "$VENV/bin/python" -W ignore -c "import sys, torch; sys.exit(torch.version.cuda is None)" \
   || fail "torch in $VENV is not a CUDA build (pip resolved a CPU wheel)"
 
-# Mirror the files git knows (tracked and new, as in the working tree) into $SRC; unchanged files keep their mtime so
-# ninja in $SRC/build recompiles only what changed. Files gone from the tree are removed (setup.py globs csrc/).
-git ls-files --cached --others --exclude-standard | sort -u > "$CACHE/files.txt"
-while IFS= read -r file; do
-  [ -f "$file" ] || continue
-  cmp -s "$file" "$SRC/$file" || install -D -m "$(stat -c %a "$file")" "$file" "$SRC/$file"
-done < "$CACHE/files.txt"
-if [ -d "$SRC" ]; then
-  (cd "$SRC" && find . -type f -not -path './build/*' -not -path '*/__pycache__/*' -not -path './*.egg-info/*' \
-    -not -name '*.so' -printf '%P\n' | sort) | comm -23 - "$CACHE/files.txt" | (cd "$SRC" && xargs -r rm -f)
-fi
+# A fresh copy of the files git knows (tracked and new, as in the working tree): setup.py globs csrc/, so nothing stale
+# may linger. The venv's editable install points at it, so the last build stays importable after the check.
+rm -rf "$SRC" && mkdir -p "$SRC"
+git ls-files --cached --others --exclude-standard | while IFS= read -r file; do [ ! -f "$file" ] || echo "$file"; done \
+  | tar -cf - -T - | tar -xf - -C "$SRC"
 
-# The README's GPU install command, verbatim, in the copy.
+# The README's GPU install command (its variables are exported above); PIP_CONSTRAINT pins the dependencies as in
+# .venv, -v puts the compiler command lines in the log.
 start=$(date +%s)
 echo "cuda-build-check: pip install --no-build-isolation -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST," \
   "MAX_JOBS=$MAX_JOBS; log: $LOG)"
