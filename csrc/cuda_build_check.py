@@ -8,6 +8,7 @@ executed. Exits non-zero with one line per failure.
 """
 import argparse
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -86,7 +87,8 @@ def fatbin_sass_archs(blob):
 
 
 def check_sass(library, cuda_sources, arch_list):
-    wanted = {int(arch.replace(".", "")) for arch in arch_list.replace(",", ";").split(";") if arch.strip()}
+    # torch accepts "8.0;9.0", "8.0 9.0" and "+PTX" suffixes (PTX is not SASS: only the number counts here).
+    wanted = {int(arch.split("+")[0].replace(".", "")) for arch in re.split(r"[;, ]+", arch_list.strip()) if arch}
     fatbins = fatbin_sass_archs(Path(library).read_bytes())
     errors = []
     if len(fatbins) < len(cuda_sources):
@@ -121,7 +123,7 @@ def main():
     if errors:
         sys.exit("cuda-build-check: FAILED\n  " + "\n  ".join(errors))
     print(f"cuda-build-check: OK: {len(ops)} ops with {' and '.join(BACKEND_KEYS)} kernels registered, fake kernels "
-          f"give the documented shapes (meta and fake CUDA), SASS for sm_{sorted(set.union(*fatbins))} in each of "
+          f"give the documented shapes (meta and fake CUDA), SASS for sm_{sorted(set().union(*fatbins))} in each of "
           f"{len(fatbins)} fatbinaries; nothing was executed on a GPU")
 
 

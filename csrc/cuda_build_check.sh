@@ -41,10 +41,11 @@ echo "cuda-build-check: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version 
 grep -v '^torch==' constraints.txt > "$CACHE/constraints.txt"
 if [ "$(cat "$VENV/.complete" 2>/dev/null)" != "$TORCH_CUDA_VERSION" ]; then
   start=$(date +%s)
-  echo "cuda-build-check: creating $VENV (torch==$TORCH_CUDA_VERSION with CUDA, a few GB; once per machine)"
+  echo "cuda-build-check: creating $VENV (torch==$TORCH_CUDA_VERSION with CUDA, ~5.4 GB; once per machine)"
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q -c "$CACHE/constraints.txt" "torch==$TORCH_CUDA_VERSION" setuptools wheel ninja
+  "$VENV/bin/pip" install -c "$CACHE/constraints.txt" "torch==$TORCH_CUDA_VERSION" setuptools wheel ninja \
+    > "$CACHE/cuda-venv.log" 2>&1 || { tail -n 30 "$CACHE/cuda-venv.log" >&2; fail "venv set-up failed"; }
   echo "$TORCH_CUDA_VERSION" > "$VENV/.complete"
   echo "cuda-build-check: venv ready in $(seconds_since "$start") s"
 fi
