@@ -8,6 +8,20 @@ from training.presets import check_override, parse_override, set_path
 
 USER_ERRORS = (ValueError, OSError, CheckpointError)
 
+# (flag, dotted config key, type, help) shared by every trainer; each flag overrides one config value.
+RUN_FLAGS = (
+    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz or image folder"),
+    ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
+    ("--image-size", "data.image_size", int, "model resolution in pixels"),
+    ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),
+    ("--total-images", "training.total_images", int, "training length in images"),
+    ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),
+    ("--seed", "seed", int, "run seed"),
+    ("--log-every-images", "logging.log_every_images", int, "status line + stats.jsonl interval"),
+    ("--checkpoint-every-images", "logging.checkpoint_every_images", int, "checkpoint interval"),
+    ("--keep-checkpoints", "logging.keep_checkpoints", int, "keep the newest K checkpoints"),
+)
+
 
 def flag_message(message: str, parser: argparse.ArgumentParser) -> str | None:
     """"--flag what" / "dest: what" -> "--flag: what" when the message names one of the parser's flags, else None."""
@@ -30,6 +44,15 @@ def run(parser: argparse.ArgumentParser, entry, *args):
         if line is None:
             raise
         parser.exit(2, f"{parser.prog}: error: {line}\n")
+
+
+def build_parser(prog: str, description: str, flags, **preset) -> argparse.ArgumentParser:
+    """A trainer's parser: --preset (`preset` = its add_argument options) and add_config_flags(flags)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, **preset)
+    add_config_flags(parser, flags)
+    return parser
 
 
 def add_config_flags(parser: argparse.ArgumentParser, flags) -> None:

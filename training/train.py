@@ -38,12 +38,10 @@ from training.stats import RunLogger, crossed, save_image_grid
 from training.text import TextConditionedDenoiser, drop_captions, parts
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CEP_MODES = ("none", "uniform", "gaussian")
 
 # (flag, dotted config key, type, help): each flag overrides one preset value.
 FLAGS = (
-    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz or image folder"),
-    ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
-    ("--image-size", "data.image_size", int, "model resolution in pixels"),
     ("--hflip", "data.hflip", bool, "random horizontal flips (emitted as control metadata)"),
     ("--random-crop", "data.random_crop", bool, "random crops (emitted as control metadata)"),
     ("--corruption", "corruption.kind", str, "symmetric (default) | asymmetric | random | caption-swap | none"),
@@ -55,34 +53,24 @@ FLAGS = (
     ("--input-perturbation", "training.input_perturbation", float, "IP baseline gamma_IP (0 = off)"),
     ("--cond-dropout", "training.cond_dropout", float, "dropout on the class embedding (baseline)"),
     ("--label-smoothing", "training.label_smoothing", float, "label smoothing of the class embedding (baseline)"),
-    ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),
     ("--grad-accum", "training.grad_accum", int, "gradient accumulation rounds per step"),
-    ("--total-images", "training.total_images", int, "training length in images"),
     ("--lr", "training.lr", float, "AdamW learning rate (constant after warm-up)"),
     ("--warmup-images", "training.warmup_images", int, "linear lr warm-up length in images"),
     ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
-    ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),
     ("--ema-decay", "training.ema_decay", float, "EMA decay per step"),
     ("--precision", "training.precision", str, "fp32 | bf16 | fp16 autocast"),
     ("--compile", "training.compile", bool, "torch.compile the model"),
     ("--max-nonfinite", "training.max_nonfinite", int, "abort after this many non-finite losses in a row"),
-    ("--seed", "seed", int, "run seed"),
-    ("--log-every-images", "logging.log_every_images", int, "status line + stats.jsonl interval"),
-    ("--checkpoint-every-images", "logging.checkpoint_every_images", int, "checkpoint interval"),
     ("--sample-every-images", "logging.sample_every_images", int, "EMA sample grid interval (0 = only at the end)"),
-    ("--keep-checkpoints", "logging.keep_checkpoints", int, "keep the newest K checkpoints"),
     ("--autoencoder", "latent.autoencoder", str, "trained autoencoder run dir: train on its latents (LDM path)"),
     ("--init-from", "init_from", str, "run dir or checkpoint to start from (resolution transfer)"),
     ("--resolution-shift", "diffusion.resolution_shift", float, "noise-schedule shift ratio (paper 2)"),
+    *cli.RUN_FLAGS,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, help="configs/<name>.json or a JSON path")
-    cli.add_config_flags(parser, FLAGS)
-    return parser
+    return cli.build_parser("python -m training.train", __doc__, FLAGS, help="configs/<name>.json or a JSON path")
 
 
 def parse_args(argv=None, parser=None) -> tuple[dict, Path, bool]:
@@ -118,6 +106,11 @@ def check_config(config: dict, world_size: int) -> None:
     if isinstance(config["corruption"]["ratio"], bool) or not isinstance(config["corruption"]["ratio"], (int, float)) \
             or not 0 <= config["corruption"]["ratio"] < 1:
         raise ValueError(f"--corruption-ratio must be a number in [0, 1), got {config['corruption']['ratio']!r}")
+    if config["model"].get("cep_mode", "none") not in CEP_MODES:
+        raise ValueError(f"--cep must be one of {CEP_MODES}, got {config['model']['cep_mode']!r}")
+    gamma = config["model"].get("cep_gamma", 0.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
+        raise ValueError(f"--cep-gamma must be a finite number >= 0, got {gamma!r}")
     if training["lr"] <= 0:
         raise ValueError(f"--lr must be > 0, got {training['lr']!r}")
     if not isinstance(training["ema_decay"], (int, float)) or not 0 <= training["ema_decay"] < 1:

@@ -34,28 +34,16 @@ DEFAULTS = {
     "logging": {"log_every_images": 16_000, "checkpoint_every_images": 16_000, "keep_checkpoints": 2},
 }
 FLAGS = (
-    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | .npz | image folder"),
-    ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
-    ("--image-size", "data.image_size", int, "training resolution in pixels"),
     ("--resize", "data.resize", str, "resize | pad (fit images to --image-size)"),
     ("--hflip", "data.hflip", bool, "random horizontal flips"),
-    ("--batch-size", "training.batch_size", int, "global batch size"),
-    ("--total-images", "training.total_images", int, "training length in images"),
     ("--lr", "training.lr", float, "Adam learning rate (LDM: 4.5e-6 x batch)"),
-    ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),
-    ("--log-every-images", "logging.log_every_images", int, "status line + stats.jsonl interval"),
-    ("--checkpoint-every-images", "logging.checkpoint_every_images", int, "checkpoint interval"),
-    ("--keep-checkpoints", "logging.keep_checkpoints", int, "keep the newest K checkpoints"),
-    ("--seed", "seed", int, "run seed"),
+    *cli.RUN_FLAGS,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.train_autoencoder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, choices=sorted(AUTOENCODER_PRESETS), help="autoencoder preset")
-    cli.add_config_flags(parser, FLAGS)
-    return parser
+    return cli.build_parser("python -m training.train_autoencoder", __doc__, FLAGS,
+                            choices=sorted(AUTOENCODER_PRESETS), help="autoencoder preset")
 
 
 def settable_keys(config: dict) -> dict:
