@@ -2,7 +2,6 @@
 autoencoder) into the parts a sampler needs. Training's sample grids build the same LoadedRun from the EMA in memory,
 so training and evaluation never disagree about what a run is."""
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
