@@ -132,6 +132,7 @@ def train_autoencoder(config: dict, run_dir: Path, progress: bool = True) -> dic
             run.logger.log(f"kimg {images_seen / 1000:.1f} loss {record['loss']:.4f} "
                            f"reconstruction {record['reconstruction']:.4f}")
         if done or crossed(images_seen, training["batch_size"], logging["checkpoint_every_images"]):
+            distributed.check_consistency(model)   # DDP keeps the replicas bit-identical
             if run.rank == 0:
                 run.checkpoints.save(images_seen, {"config": config, "images_seen": images_seen,
                                                    "model": model.state_dict(), "optimizer": optimizer.state_dict()})
