@@ -110,3 +110,14 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_run_resumes(tmp_pa
     assert "warning: moved the unreadable checkpoint" in log and "resumed from" in log and "at 16 images" in log
     assert (tmp_path / "checkpoints" / "ckpt-000000032.pt.corrupt").stat().st_size == 1000
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])["images_seen"] == 48
+
+
+def test_cep_noise_ratio_is_logged(tmp_path):
+    """Issue 10: |delta| / |c(y)| at log ticks. CEP-U gives |delta| = gamma / sqrt(3) per sample (gamma 1 here)."""
+    main([*TINY, "--run-dir", str(tmp_path), "--total-images", "32", "--log-every-images", "16"])
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    model = torch.load(list_checkpoints(tmp_path)[-1], weights_only=True)["model"]
+    table = model["y_embedder.embedding_table.weight"]
+    expected = float((1 / 3**0.5) / table[:10].norm(dim=1).mean())   # |c(y)| ~ the class rows' norm
+    assert len(stats) == 2 and all(0.5 * expected < s["cep_noise_ratio"] < 2 * expected for s in stats)
+
