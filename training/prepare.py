@@ -8,7 +8,7 @@ import torch
 
 from training.corruption import (CORRUPTION_KINDS, asymmetric_flip, check_ratio, class_prior, save_corruption,
                                  swap_captions, symmetric_flip)
-from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, template_captions
+from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, sampling_control, template_captions
 
 CONDITIONS = ("class", "text", "none")
 # A small from-scratch text encoder (models/text_encoder.py); paper 1's bert-base cannot be downloaded here.
@@ -42,6 +42,8 @@ def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int
     model["in_channels"] = channels
     model["image_size" if model.get("arch") == "unet" else "input_size"] = size
     model["num_classes"] = dataset.num_classes if data["condition"] == "class" else 0
+    if model.get("control_dim", 0):
+        data["sample_control"] = sampling_control(dataset, data["image_size"])
     if data["condition"] == "text":
         config["text_encoder"] = {**TEXT_ENCODER_DEFAULTS, **(config.get("text_encoder") or {})}
         model["context_dim"] = config["text_encoder"]["width"]
@@ -74,9 +76,9 @@ def model_input_shape(config: dict) -> tuple[int, int, int]:
     return model["in_channels"], size, size
 
 
-def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None, rank: int):
-    """(labels, captions, class prior) after the fixed corruption, seeded by the run seed and so identical on every
-    rank; rank 0 saves what changed. Labels are None in text runs, captions None in class runs."""
+def corrupt_conditions(config: dict, dataset: ImageDataset):
+    """(labels, captions, class prior, record) after the fixed corruption, seeded by the run seed and so identical on
+    every rank; `record` holds save_corruption's arguments. Labels are None in text runs, captions None in class runs."""
     corruption, condition = config["corruption"], config["data"]["condition"]
     kind, eta = corruption["kind"], check_ratio(corruption["ratio"])
     if kind not in CORRUPTION_KINDS:
@@ -104,24 +106,28 @@ def corrupt_conditions(config: dict, dataset: ImageDataset, run_dir: Path | None
         labels, indices = asymmetric_flip(labels, dataset.num_classes, eta, seed, corruption["classes"], prior)
     elif kind == "caption-swap":
         captions, indices = swap_captions(captions, eta, seed)
-    if rank == 0 and run_dir is not None:
-        save_corruption(run_dir / "corruption.npz", kind, eta, clean_labels, labels, indices,
-                        clean_captions, captions if clean_captions is not None else None)
-    return (labels if condition == "class" else None), captions, prior
+    record = (kind, eta, clean_labels, labels, indices, clean_captions, captions if clean_captions is not None else None)
+    return (labels if condition == "class" else None), captions, prior, record
 
 
-def prepare(config: dict, run_dir: Path | None, rank: int, device) -> tuple[dict, TrainingData]:
-    """(completed config, training data) for a run."""
+def prepare(config: dict, run_dir: Path | None, rank: int, device, check_run_dir=None) -> tuple[dict, TrainingData]:
+    """(completed config, training data) for a run. `check_run_dir(config)` sees the completed config before anything
+    is written to the run dir (the corruption record, cached latents), so a refused command leaves it untouched."""
     dataset = load_training_data(config)
-    labels, captions, prior = corrupt_conditions(config, dataset, run_dir, rank)  # before any slow encoding
+    labels, captions, prior, corruption = corrupt_conditions(config, dataset)
+    latent_shape = None
+    if config.get("latent"):
+        from training.latents import LatentSource, encoded_shape  # the LDM path: encode once with a trained autoencoder
+
+        latent_shape = encoded_shape(config, dataset, device)
+    config = transfer_defaults(complete_config(config, dataset, latent_shape))
+    if check_run_dir is not None:
+        check_run_dir(config)
+    if rank == 0 and run_dir is not None:
+        save_corruption(run_dir / "corruption.npz", *corruption)
     data = config["data"]
     if config.get("latent"):
-        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
-
         source = LatentSource.build(dataset, config, run_dir, rank, device)
-        latent_shape = source.shape
     else:
         source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
-        latent_shape = None
-    config = transfer_defaults(complete_config(config, dataset, latent_shape))
     return config, TrainingData(source, labels, captions, prior, len(dataset))
