@@ -9,8 +9,8 @@ from .closed_forms import (VERSIONS, Gaussian, class_means, expected_mean_gain, 
 from .exact_optimum import check_exact_optimum
 from .gaussians import (empirical_stats, entropy, entropy_from_eigenvalues, w2_squared_to_isotropic,
                         w2_squared_to_isotropic_from_eigenvalues)
-from .label_flip import (flipped_training_sets, labelled_mixture_weights, mixture_entropy, sample_mixture,
-                         sample_w2_squared)
+from .label_flip import (effective_gamma, flipped_training_sets, labelled_mixture_weights, mixture_entropy,
+                         sample_mixture, sample_w2_squared)
 from .simulation import simulate_probability_flow
 
 
@@ -126,11 +126,8 @@ def exact_optimum_study(d: int, n_k: int, gammas: Iterable[float], t: float, num
 def label_flip_study(d: int, num_classes: int, n_k: int, etas: Iterable[float], num_draws: int, mu_norm: float,
                      mc_samples: int, ot_samples: int, rng: np.random.Generator,
                      progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """Entropy and W2 of what is learned from label-flipped data, class 0, uniform class prior.
-
-    gamma_eff matches the flipped set's mean shrinkage with CEP's 1/(1+gamma^2): with centred class means the labelled
-    mean is mu_k (1 - eta K/(K-1)), so gamma_eff^2 = 1/(1 - eta K/(K-1)) - 1.
-    """
+    """Entropy and W2 of what is learned from label-flipped data, class 0, uniform class prior; gamma_eff is the CEP
+    gamma with the same mean shrinkage (label_flip.effective_gamma)."""
     means = class_means(num_classes, d, mu_norm)
     weights = np.full(num_classes, 1.0 / num_classes)
     truth = means[0]
@@ -148,8 +145,7 @@ def label_flip_study(d: int, num_classes: int, n_k: int, etas: Iterable[float], 
         delta_h = entropy(flip_cov) - entropy(clean_cov)
         delta_w2 = (w2_squared_to_isotropic(clean_mean, clean_cov, truth)
                     - w2_squared_to_isotropic(flip_mean, flip_cov, truth))
-        shrink = 1 - eta * num_classes / (num_classes - 1)
-        gamma_eff = math.sqrt(1 / shrink - 1) if shrink > 0 else math.inf
+        gamma_eff = effective_gamma(eta, num_classes)
         mixture_h, mixture_h_se = mixture_entropy(means, mixture, mc_samples, rng)
         mixture_w2 = sample_w2_squared(sample_mixture(means, mixture, ot_samples, rng), reference)
         records.append(dict(
