@@ -239,6 +239,9 @@ def main(argv=None) -> None:
     except PlanError as error:
         print(f"study: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except runners.RunFailed as error:   # finished runs keep their records: re-running continues
+        print(f"study: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

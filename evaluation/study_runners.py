@@ -20,6 +20,10 @@ from pathlib import Path
 from evaluation.study_plan import Plan, PlanError, Run, is_number
 
 
+class RunFailed(RuntimeError):
+    """A training or evaluation job exited with an error; the message holds the command and its log's tail."""
+
+
 #################################################################################
 #                                    GMM                                        #
 #################################################################################
@@ -124,7 +128,7 @@ def execute(argv: list[str], env: dict, log: Path) -> float:
         code = subprocess.call(argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"`{shown(argv, env)}` failed with exit code {code}; end of {log}:\n{tail}")
+        raise RunFailed(f"`{shown(argv, env)}` failed with exit code {code}; end of {log}:\n{tail}")
     return time.perf_counter() - start
 
 
