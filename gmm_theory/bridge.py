@@ -35,7 +35,7 @@ from .label_flip import effective_gamma
 MODELS = ("linear", "mlp")
 CEP_MODES = ("none", "uniform", "gaussian")
 # Training defaults per model: Adam, cosine decay to 0 (so the linear model settles on its optimum).
-TRAINING = {"linear": dict(steps=1000, batch_size=2048, lr=0.02), "mlp": dict(steps=1200, batch_size=256, lr=2e-3)}
+TRAINING = {"linear": dict(steps=600, batch_size=2048, lr=0.02), "mlp": dict(steps=800, batch_size=256, lr=2e-3)}
 DEFAULTS = dict(model="mlp", d=8, n_k=256, num_classes=4, mu_norm=2.0, cep="none", gamma=0.0, eta=0.0,
                 diffusion_steps=100, sampler="dpm++2m", sample_steps=50, samples_per_class=1000, ot_samples=1000,
                 steps=None, batch_size=None, lr=None, width=128, embed_dim=32, log_points=5)

@@ -38,16 +38,25 @@ def pair_mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(pairs.mean()), float(pairs.std(ddof=1) / math.sqrt(half))
 
 
+MU_SCALINGS = ("fixed", "proportional")
+
+
 def theorem_sweep(dims: Iterable[int], sample_sizes: Iterable[int], gammas: Iterable[float], num_pairs: int,
                   mu_norm: float, horizon: float, rng: np.random.Generator,
-                  progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
+                  progress: Callable[[Iterable], Iterable] = iter, mu_scaling: str = "fixed") -> list[dict]:
     """Delta-H (Theorem 1) and Delta-W2^2 = W2^2(P, clean) - W2^2(P, corrupted) (Theorem 2), both versions, averaged
-    over training-set draws. ||mu_k|| is held constant (the theorems' assumption); by rotation invariance mu_k = |mu| e_1."""
+    over training-set draws; by rotation invariance mu_k = |mu| e_1. mu_scaling "fixed" holds ||mu_k|| = mu_norm at
+    every d (the theorems' assumption); "proportional" grows ||mu_k||^2 = mu_norm^2 d / min(dims) with d, the case in
+    which the exact optimum's Delta-H = 1/2 log(1 + gamma^2/(1+gamma^2) mu^T Sigma^-1 mu) scales like gamma^2 d."""
+    if mu_scaling not in MU_SCALINGS:
+        raise ValueError(f"mu_scaling must be one of {MU_SCALINGS}, got {mu_scaling!r}")
     records = []
+    dims = list(dims)
     grid = [(d, n) for d in dims for n in sample_sizes if n > d]
     for d, n_k in progress(grid):
+        norm = mu_norm * math.sqrt(d / min(dims)) if mu_scaling == "proportional" else mu_norm
         true_mean = np.zeros(d)
-        true_mean[0] = mu_norm
+        true_mean[0] = norm
         mu_hat, sigma_hat = sample_empirical_stats(true_mean, n_k, num_pairs, rng)
 
         def entropy_and_w2(target):
@@ -65,10 +74,10 @@ def theorem_sweep(dims: Iterable[int], sample_sizes: Iterable[int], gammas: Iter
                 dh_mean, dh_se = pair_mean_and_se(delta_h)
                 dw_mean, dw_se = pair_mean_and_se(delta_w2)
                 records.append(dict(
-                    d=d, n_k=n_k, gamma=float(gamma), version=version, delta_h=dh_mean, delta_h_se=dh_se,
-                    delta_h_min=float(delta_h.min()), delta_w2=dw_mean, delta_w2_se=dw_se,
-                    bound=float(theorem2_lower_bound(gamma, d, n_k, mu_norm**2)),
-                    mean_gain_exact=float(expected_mean_gain(gamma, d, n_k, mu_norm**2)),
+                    d=d, n_k=n_k, mu_norm=norm, gamma=float(gamma), version=version, delta_h=dh_mean,
+                    delta_h_se=dh_se, delta_h_min=float(delta_h.min()), delta_w2=dw_mean, delta_w2_se=dw_se,
+                    bound=float(theorem2_lower_bound(gamma, d, n_k, norm**2)),
+                    mean_gain_exact=float(expected_mean_gain(gamma, d, n_k, norm**2)),
                     in_theorem2_range=bool(0 < gamma <= 1 / math.sqrt(n_k)),
                 ))
     return records
