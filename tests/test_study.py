@@ -2,6 +2,7 @@
 rule, summary.json, and one tiny image plan end to end. Plans of kind "gmm" run this module's fake runner."""
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,10 @@ def fake_runner(seed: int, progress: bool = False, gamma: float = 0.0, d: int = 
     CALLS.append((seed, gamma))
     noise = np.random.default_rng(seed).standard_normal(2)
     return {"entropy": 1.0 + gamma + 0.01 * noise[0], "w2": 0.5 + 0.01 * noise[1]}
+
+
+def bad_runner(seed: int, progress: bool = False, **kwargs):
+    return [seed]
 
 
 def gmm_plan(**changes) -> dict:
@@ -260,6 +265,16 @@ def test_dry_run_cost_from_image_records(tmp_path, capsys):
     run_study(tmp_path, image_plan(seeds=[0, 1]), "--dry-run")
     # start-up 10 - 32/4 = 2 s, training 32/4 = 8 s, evaluation fixed 20 - 0.5*20 = 10 s + 0.5 s x 20 images
     assert "3 of 4 runs to do, estimated 90 s" in capsys.readouterr().out
+
+
+def test_failures_name_the_job_and_write_no_record(tmp_path):
+    with pytest.raises(TypeError, match="test_study:bad_runner must return dict"):
+        run_study(tmp_path, gmm_plan(runner="test_study:bad_runner"))
+    log = tmp_path / "job.log"
+    job = [sys.executable, "-c", "import sys; print('out of data'); sys.exit(3)"]
+    with pytest.raises(study_runners.RunFailed, match="(?s)failed with exit code 3.*out of data"):
+        study_runners.execute(job, {}, log)
+    assert not (tmp_path / "out/fake/runs").exists() and log.read_text().startswith("$ python -c")
 
 
 #################################################################################
