@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -111,24 +112,25 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
 #                                 Cost estimate                                 #
 #################################################################################
 
-def estimate(args, plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict, str]:
-    """Run -> estimated seconds for the runs to do, and where the numbers come from."""
-    if not todo:
-        return {}, "nothing to do"
-    if plan.kind == "gmm":
-        walls = {}
-        for record in done:
-            walls.setdefault(record["setting"], []).append(record["wall_s"])
-        if walls:
-            overall = sum(map(sum, walls.values())) / sum(map(len, walls.values()))
-            per_setting = {s: sum(w) / len(w) for s, w in walls.items()}
-            return ({run: per_setting.get(run.setting, overall) for run in todo},
-                    f"mean wall time of {sum(map(len, walls.values()))} finished runs (per setting where it has some)")
-        start = time.perf_counter()
-        runners.run_gmm(plan, todo[0], progress=False)
-        seconds = time.perf_counter() - start
-        return ({run: seconds for run in todo},
-                f"calibration: one timed run ({todo[0].name}, {seconds:.1f} s, not recorded), applied to every run")
+def estimate_gmm(plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict, str]:
+    """Run -> seconds: the mean recorded wall time of its setting, else of all records, else one timed run."""
+    walls = {}
+    for record in done:
+        walls.setdefault(record["setting"], []).append(record["wall_s"])
+    if walls:
+        every = [wall for values in walls.values() for wall in values]
+        overall = sum(every) / len(every)
+        return ({run: statistics.mean(walls.get(run.setting, [overall])) for run in todo},
+                f"mean wall time of {len(every)} finished runs (of the same setting where it has some)")
+    start = time.perf_counter()
+    runners.run_gmm(plan, todo[0], progress=False)
+    seconds = time.perf_counter() - start
+    return ({run: seconds for run in todo},
+            f"calibration: one timed run ({todo[0].name}, {seconds:.1f} s, not recorded), applied to every run")
+
+
+def estimate_image(args, plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict, str]:
+    """Run -> seconds from a cost model fitted to the plan's records, else existing run dirs, else a calibration."""
     model = runners.image_cost_model(done, [run_dir(args, plan, run) for run in plan.runs()])
     source = (f"{len(done)} finished runs of this plan" if done else
               "training images/s in existing run dirs' stats.jsonl; start-up and evaluation not included")
@@ -143,12 +145,22 @@ def estimate(args, plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict,
              for run in todo}, source)
 
 
+def pending(plan: Plan, selected: list[Run], records: dict) -> list[Run]:
+    """The selected runs without a current record."""
+    return [run for run in selected if run not in records or is_stale(plan, run, records[run])]
+
+
 def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
     """Prints every selected run with its status and estimate; returns (and stores) the summary for report.md."""
-    todo = [run for run in selected if run not in records or is_stale(plan, run, records[run])]
+    todo = pending(plan, selected, records)
     done = [record for run, record in records.items() if not is_stale(plan, run, record)]
-    seconds, source = estimate(args, plan, todo, done)
-    width = max(len(run.name) for run in selected)
+    if not todo:
+        seconds, source = {}, "nothing to do"
+    elif plan.kind == "gmm":
+        seconds, source = estimate_gmm(plan, todo, done)
+    else:
+        seconds, source = estimate_image(args, plan, todo, done)
+    width = max((len(run.name) for run in selected), default=0)
     for run in selected:
         status = ("stale" if run in records else "to do") if run in seconds else "done"
         cost = f"~{seconds[run]:8.1f} s" if run in seconds else f"({records[run]['wall_s']:.1f} s recorded)"
@@ -220,8 +232,7 @@ def study(args) -> dict | None:
         dry_run(args, plan, selected, records)
         return None
     if not args.aggregate_only:
-        todo = [run for run in selected if run not in records or is_stale(plan, run, records[run])]
-        for run in tqdm(todo, desc=plan.name, unit="run", disable=args.no_progress):
+        for run in tqdm(pending(plan, selected, records), desc=plan.name, unit="run", disable=args.no_progress):
             records[run] = execute(args, plan, run, stale=run in records)
     current = [record for run, record in records.items() if not is_stale(plan, run, record)]
     if not current:
