@@ -22,8 +22,8 @@ def point(summary: dict, metric: str) -> tuple[float, float, float] | None:
 def draw(ax, label: str, points: list[tuple[float, tuple]]) -> None:
     points = sorted(points)
     xs = [x for x, _ in points]
-    ax.plot(xs, [p[0] for _, p in points], marker="o", label=label)
-    ax.fill_between(xs, [p[1] for _, p in points], [p[2] for _, p in points], alpha=0.2)
+    line, = ax.plot(xs, [p[0] for _, p in points], marker="o", label=label)
+    ax.fill_between(xs, [p[1] for _, p in points], [p[2] for _, p in points], color=line.get_color(), alpha=0.2)
 
 
 def save(fig, ax, x_label: str, metric: str, path: Path) -> Path:
