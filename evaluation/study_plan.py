@@ -77,8 +77,7 @@ def load_plan(path) -> Plan:
 def validate(data: dict) -> None:
     """Raises PlanError naming the first bad field; fills in defaults (runner, base.args, base.nproc)."""
     expect(isinstance(data, dict), "plan", "must be a JSON object")
-    unknown = sorted(set(data) - PLAN_KEYS)
-    expect(not unknown, unknown[0] if unknown else "", f"unknown field; expected {sorted(PLAN_KEYS)}")
+    known_fields("", data, PLAN_KEYS)
     for key in ("plan", "kind", "base", "settings", "baseline", "seeds"):
         expect(key in data, key, "is required")
     expect(isinstance(data["plan"], str) and NAME.match(data["plan"]), "plan",
@@ -119,9 +118,7 @@ def validate_setting(name, setting, kind: str, settings: dict) -> None:
     expect(isinstance(name, str) and NAME.match(name), field,
            "a setting name must be letters, digits, '.', '_', '+', '-' (it names files)")
     expect(isinstance(setting, dict), field, "must be an object")
-    unknown = sorted(set(setting) - SETTING_KEYS[kind])
-    expect(not unknown, f"{field}.{unknown[0] if unknown else ''}",
-           f"unknown field for a {kind} plan; expected {sorted(SETTING_KEYS[kind])}")
+    known_fields(f"{field}.", setting, SETTING_KEYS[kind])
     if kind == "image":
         check_args(f"{field}.args", setting.get("args", []), RESERVED_FLAGS)
     else:
@@ -135,8 +132,7 @@ def validate_setting(name, setting, kind: str, settings: dict) -> None:
 
 
 def validate_image_base(base: dict) -> None:
-    unknown = sorted(set(base) - {"preset", "args", "nproc"})
-    expect(not unknown, f"base.{unknown[0] if unknown else ''}", "unknown field; expected preset, args, nproc")
+    known_fields("base.", base, {"preset", "args", "nproc"})
     expect(isinstance(base.get("preset"), str) and base["preset"], "base.preset", "must name a preset (configs/)")
     check_args("base.args", base.setdefault("args", []), RESERVED_FLAGS)
     nproc = base.setdefault("nproc", 1)
@@ -145,9 +141,7 @@ def validate_image_base(base: dict) -> None:
 
 def validate_evaluation(evaluation) -> None:
     expect(isinstance(evaluation, dict), "evaluation", "image plans need {sampler, steps, guidance, num_samples}")
-    unknown = sorted(set(evaluation) - {"sampler", "steps", "guidance", "num_samples", "args"})
-    expect(not unknown, f"evaluation.{unknown[0] if unknown else ''}",
-           "unknown field; expected sampler, steps, guidance, num_samples, args")
+    known_fields("evaluation.", evaluation, {"sampler", "steps", "guidance", "num_samples", "args"})
     for key in ("sampler", "steps", "guidance", "num_samples"):
         expect(key in evaluation, f"evaluation.{key}", "is required")
     expect(evaluation["sampler"] in SAMPLERS, "evaluation.sampler", f"must be one of {SAMPLERS}")
@@ -165,8 +159,7 @@ def validate_claim(field: str, claim, settings: dict, guidance) -> None:
     expect(isinstance(claim, dict), field, "must be an object")
     for key in ("claim", "metric", "direction", "a", "b"):
         expect(isinstance(claim.get(key), str) and claim[key], f"{field}.{key}", "is required (a string)")
-    unknown = sorted(set(claim) - {"claim", "metric", "direction", "a", "b"})
-    expect(not unknown, f"{field}.{unknown[0] if unknown else ''}", "unknown field")
+    known_fields(f"{field}.", claim, {"claim", "metric", "direction", "a", "b"})
     expect(claim["direction"] in DIRECTIONS, f"{field}.direction", f"must be one of {DIRECTIONS}")
     for key in ("a", "b"):
         expect(claim[key] in settings, f"{field}.{key}", f"{claim[key]!r} is not a setting")
@@ -193,6 +186,12 @@ def select(runs: list[Run], only=None, shard=None) -> list[Run]:
     if only:
         runs = [run for run in runs if run.setting in only]
     return runs
+
+
+def known_fields(prefix: str, given: dict, allowed: set) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise PlanError(prefix + unknown[0], f"unknown field; expected one of {sorted(allowed)}")
 
 
 def expect(condition, field: str, message: str) -> None:
