@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -98,7 +97,7 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
     else:
         directory = run_dir(args, plan, run)
         if stale:  # evaluate reuses existing samples: drop those of an older definition of the run
-            shutil.rmtree(directory / "samples", ignore_errors=True)
+            runners.drop_evaluation_samples(plan, directory)
         fields = runners.run_image(plan, run, directory)
     record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,15 @@ def run_image(plan: Plan, run: Run, run_dir: Path) -> dict:
             "train_s": train_s, "evaluate_s": evaluate_s, "evaluate_per_sample_s": per_sample_seconds(evaluations),
             "images_per_second": images_per_second(run_dir), "total_images": config["training"]["total_images"],
             "num_samples": plan.evaluation["num_samples"], "run_dir": str(run_dir)}
+
+
+def drop_evaluation_samples(plan: Plan, run_dir: Path) -> None:
+    """Deletes the sample folders evaluation.evaluate would reuse for the plan's sampler, steps and scales
+    (samples/<sampler>-<steps>-g<scale>-eta<eta>/); the training grids stay."""
+    evaluation = plan.evaluation
+    for scale in evaluation["guidance"]:
+        for folder in (run_dir / "samples").glob(f"{evaluation['sampler']}-{evaluation['steps']}-g{scale:g}-eta*"):
+            shutil.rmtree(folder)
 
 
 def newest_evaluations(plan: Plan, run_dir: Path, num_samples: int) -> dict:
