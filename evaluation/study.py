@@ -168,7 +168,7 @@ def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
     print(f"{len(todo)} of {len(selected)} runs to do, estimated {total:.0f} s ({total / 3600:.2f} h) on this "
           f"machine; estimate from {source}")
     summary = {"time": now(), "runs": len(selected), "todo": len(todo), "estimated_s": total, "source": source,
-               "machine": machine(), "command": command_line()}
+               "machine": machine(), "command": args.command}
     write_json(Path(args.out) / plan.name / "dry_run.json", summary)
     return summary
 
@@ -181,8 +181,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def command_line() -> str:
-    return shlex.join(["python", "-m", "evaluation.study", *sys.argv[1:]])
+def command_line(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "evaluation.study", *argv])
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -212,8 +212,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def study(args) -> dict | None:
+def study(argv: list[str]) -> dict | None:
     """Runs the plan (or the selected part of it) and aggregates; returns the summary (None on --dry-run)."""
+    args = parser().parse_args(argv)
+    args.command = command_line(argv)
     plan = load_plan(args.plan)
     if plan.kind == "image":      # fail on bad flags now, not after hours of other runs
         for setting in plan.settings:
@@ -237,15 +239,14 @@ def study(args) -> dict | None:
     if not current:
         print(f"{plan.name}: no finished runs yet; nothing to aggregate")
         return None
-    summary_path = write_outputs(plan, current, out / plan.name, command_line(), len(plan.runs()))
+    summary_path = write_outputs(plan, current, out / plan.name, args.command, len(plan.runs()))
     print(summary_path.with_name("report.md"))
     return json.loads(summary_path.read_text())
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
     try:
-        study(args)
+        study(sys.argv[1:] if argv is None else argv)
     except PlanError as error:
         print(f"study: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
