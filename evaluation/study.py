@@ -91,7 +91,7 @@ def run_dir(args, plan: Plan, run: Run) -> Path:
 
 def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
     """Runs one (setting, seed) and writes its record atomically."""
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = now()
     if plan.kind == "gmm":
         fields = runners.run_gmm(plan, run, not args.no_progress)
     else:
@@ -101,8 +101,7 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
         fields = runners.run_image(plan, run, directory)
     record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),
-              "started": started.isoformat(timespec="seconds"),
-              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+              "started": started, "finished": now()}
     write_json(record_path(Path(args.out), plan, run), record)
     return record
 
