@@ -83,6 +83,8 @@ def test_label_flips_use_the_eta_to_gamma_bridge():
 ])
 def test_bad_kwargs_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
+        bridge.check_kwargs(kwargs)  # up front, before any training
+    with pytest.raises(ValueError, match=name):
         bridge.run(0, **kwargs)
 
 
