@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="condition-noise scales gamma")
     grid.add_argument("--draws", type=positive_int, default=2000,
                       help="training-set draws per (d, n_k) (antithetic pairs: rounded up to even)")
-    grid.add_argument("--mu-norm", type=non_negative_float, default=2.0, help="||mu_k||, held constant across d (a second grid grows ||mu_k||^2 ~ d from this value at the "
-                           "smallest d)")
+    grid.add_argument("--mu-norm", type=non_negative_float, default=2.0,
+                      help="||mu_k||, held constant across d (a second grid grows ||mu_k||^2 ~ d from this value at "
+                           "the smallest d)")
     grid.add_argument("--horizon", type=horizon_value, default=math.inf,
                       help="ODE horizon T of the generated distributions (inf = the theorems' T -> inf limit)")
     grid.add_argument("--small-gamma", type=non_negative_float, default=0.1,
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> dict:
     sweep = experiments.theorem_sweep(args.dims, args.sample_sizes, args.gammas, (args.draws + 1) // 2,
                                       args.mu_norm, args.horizon, rng, progress("theorem grid"))
     sweep_proportional = experiments.theorem_sweep(args.dims, args.sample_sizes, args.gammas, (args.draws + 1) // 2,
-                                                   args.mu_norm, args.horizon, rng, progress("theorem grid, |mu|^2 ~ d"),
-                                                   mu_scaling="proportional")
+                                                   args.mu_norm, args.horizon, rng,
+                                                   progress("theorem grid, |mu|^2 ~ d"), mu_scaling="proportional")
     least_squares = experiments.exact_optimum_study(args.sim_dim, args.sim_sample_size, args.ls_gammas, args.ls_time,
                                                     args.num_classes, args.ls_samples, args.mu_norm, rng)
     simulation = experiments.simulation_study(args.sim_dim, args.sim_sample_size, args.sim_gamma, args.sim_horizon,
@@ -133,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return dict(settings=settings, seconds=time.perf_counter() - started, verdicts=verdicts, sweep=sweep,
-                sweep_mu_proportional=sweep_proportional, least_squares=least_squares, simulation=simulation, label_flip=label_flip)
+                sweep_mu_proportional=sweep_proportional, least_squares=least_squares, simulation=simulation,
+                label_flip=label_flip)
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -172,9 +174,10 @@ def write_report(results: dict, out: Path) -> str:
         "|---|---|---|",
         f"| Thm 1: Delta-H > 0 for gamma > 0 | {'holds' if v['theorem1']['paper']['positive'] else 'does NOT hold'} "
         f"| {'holds' if v['theorem1']['exact']['positive'] else 'does NOT hold'} |",
-        f"| Thm 1: Delta-H = Theta(gamma^2 d), ||mu_k|| = {s['mu_norm']:g} fixed | {rate(v['theorem1']['paper'])} "
+        f"| Thm 1: Delta-H = Theta(gamma^2 d), norm of mu_k fixed at {s['mu_norm']:g} | {rate(v['theorem1']['paper'])} "
         f"| {rate(v['theorem1']['exact'])} |",
-        f"| Thm 1: Delta-H = Theta(gamma^2 d) with ||mu_k||^2 ~ d | {rate(v['theorem1_mu_proportional']['paper'])} "
+        f"| Thm 1: Delta-H = Theta(gamma^2 d), squared norm of mu_k ~ d | "
+        f"{rate(v['theorem1_mu_proportional']['paper'])} "
         f"| {rate(v['theorem1_mu_proportional']['exact'])} |",
         f"| Thm 2: E[Delta W2^2] = Omega(gamma^2 d/n_k), gamma <= 1/sqrt(n_k) | {verdict(v['theorem2']['paper'])}"
         f" (slope {v['theorem2']['paper']['slope']:.2f}) | {verdict(v['theorem2']['exact'])}"
@@ -187,7 +190,8 @@ def write_report(results: dict, out: Path) -> str:
         f"- paper: {v['theorem1']['paper']['text']}",
         f"- exact: {v['theorem1']['exact']['text']}",
         "",
-        f"Which scaling of the class means the d-rate needs. The grid above holds ||mu_k|| = {s['mu_norm']:g} as d grows"
+        f"Which scaling of the class means the d-rate needs. The grid above holds ||mu_k|| = {s['mu_norm']:g} as d"
+        " grows"
         " (the theorems' setting); repeated with ||mu_k||^2 = "
         f"{s['mu_norm']:g}^2 d / {min(s['dims'])} (equal at the smallest d), the exact optimum's"
         " Delta-H = 1/2 log(1 + gamma^2/(1+gamma^2) mu^T Sigma^-1 mu) grows like gamma^2 ||mu||^2 ~ gamma^2 d, while"
@@ -198,7 +202,7 @@ def write_report(results: dict, out: Path) -> str:
         "",
         "Fitted d-exponent of Delta-H at each gamma (claim: 1):",
         "",
-        "| gamma | paper, fixed ||mu|| | exact, fixed ||mu|| | paper, ||mu||^2 ~ d | exact, ||mu||^2 ~ d |",
+        "| gamma | paper, fixed norm | exact, fixed norm | paper, norm^2 ~ d | exact, norm^2 ~ d |",
         "|---|---|---|---|---|",
     ]
     for gamma, q_paper in v["theorem1"]["paper"]["d_exponent_by_gamma"].items():
