@@ -44,3 +44,15 @@ def test_missing_summary_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bridge_report.main([str(tmp_path)])
     assert "study_dir" in capsys.readouterr().err
+
+
+def test_rates_fit_the_exponent_of_the_gain_along_gamma():
+    plan = {"base": {}, "baseline": "clean", "settings": {"clean": {"kwargs": {}}}}
+    runs = {"clean": {0: {"entropy": 0.0, "theory_entropy_exact": 0.0, "theory_entropy_paper": 0.0}}}
+    for gamma in (0.1, 0.2, 0.4):
+        name = f"cep-{gamma}"
+        plan["settings"][name] = {"kwargs": {"cep": "gaussian", "gamma": gamma}}
+        runs[name] = {0: {"entropy": 0.5 * gamma**2, "theory_entropy_exact": gamma**2,
+                          "theory_entropy_paper": -gamma**2, "gamma_theory": gamma}}
+    lines = bridge_report.rates_table(plan, runs)
+    assert lines[2] == ("| gamma_theory | model=mlp, cep=gaussian, d=8, n_k=256 | 3 | 2 | 2 | n/a (a gain <= 0) |")
