@@ -127,7 +127,7 @@ def make_data(config: dict, seed: int) -> dict:
 
 
 def build_model(config: dict) -> torch.nn.Module:
-    cep = CEP(config["cep"], config["gamma"]) if config["cep"] != "none" else CEP("none")
+    cep = CEP(config["cep"], config["gamma"])
     if config["model"] == "linear":
         return LinearDenoiser(config["num_classes"], config["d"], config["diffusion_steps"], cep)
     return MLPDenoiser(config["num_classes"], config["d"], cep, config["width"], config["embed_dim"])

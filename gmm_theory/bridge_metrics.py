@@ -64,7 +64,7 @@ def sample_metrics(samples: np.ndarray, true_means: np.ndarray, train: np.ndarra
                    references: dict) -> dict:
     """samples [K, N, d] (N per class); references: fresh true draws shared by every setting of a seed, so their
     noise cancels in paired differences: "ot" and "ot_bias" [M, d] (class-balanced), "nn" [K * N, d]."""
-    num_classes, per_class, d = samples.shape
+    num_classes, _, d = samples.shape
     means, covs = empirical_stats(samples)
     var_parallel, var_perpendicular = variance_split(covs, true_means)
     metrics = dict(entropy=float(entropy(covs).mean()),
@@ -76,10 +76,7 @@ def sample_metrics(samples: np.ndarray, true_means: np.ndarray, train: np.ndarra
     metrics["closer_to_exact"] = metrics["w2_to_paper"] - metrics["w2_to_exact"]
     # Positive = closer to the eta-to-gamma bridge than to the labelled set's Gaussian (label flips).
     metrics["closer_to_bridge"] = metrics["w2_to_labelled"] - metrics["w2_to_exact"]
-    ot_points = len(references["ot"]) // num_classes
-    if ot_points > per_class:
-        raise ValueError(f"ot_samples must be <= num_classes * samples_per_class, got {len(references['ot'])}")
-    generated = samples[:, :ot_points].reshape(-1, d)
+    generated = samples[:, :len(references["ot"]) // num_classes].reshape(-1, d)  # class-balanced, as the reference
     bias = sample_w2_squared(references["ot_bias"], references["ot"])
     metrics["w2_mixture"] = sample_w2_squared(generated, references["ot"]) - bias
     flat = samples.reshape(-1, d)
