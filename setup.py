@@ -21,6 +21,12 @@ def extension_modules():
     use_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     )
+    # Unset, CUDA_HOME is guessed by torch as dirname(dirname(which nvcc)): /usr/local for a /usr/local/bin/nvcc wrapper
+    # script, and the link then fails on -lcudart after minutes of nvcc. Fail before compiling instead.
+    cuda_home = cpp_extension.CUDA_HOME or ""
+    if use_cuda and not os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
+        raise SystemExit(f"cepdiff: CUDA_HOME={cuda_home!r} holds no CUDA toolkit (no include/cuda_runtime_api.h); "
+                         "set CUDA_HOME to the toolkit root, the directory with bin/nvcc")
     # -fno-trapping-math lets GCC if-convert (and so vectorize) float selects, as in the torch build itself.
     cxx_flags = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if use_cuda:

@@ -106,9 +106,9 @@ def main() -> None:
               f"{10 * args.images} images:")
         for workers in (0, 1, 2):
             print(f"  {workers} workers: {loader_images_per_second(large, workers):8.0f} images/s")
-        memory = loop_images_per_second("dit-tiny-digits", args.train_images, 1, 1)
-        streamed = loop_images_per_second("dit-tiny-digits", args.train_images, 1, 1, "--dataset", str(large),
-                                          "--num-workers", "2")
+        memory, _ = loop_images_per_second("dit-tiny-digits", args.train_images, 1, 1)
+        streamed, _ = loop_images_per_second("dit-tiny-digits", args.train_images, 1, 1,
+                                             flags=("--dataset", str(large), "--num-workers", "2"))
         print(f"dit-tiny-digits training (1 process, 1 thread): in-memory digits {memory:.0f} images/s, "
               f"streamed shards with 2 workers {streamed:.0f} images/s ({streamed / memory:.2f}x)")
         for name, shards in ((f"N = {args.images}", small), (f"10N = {10 * args.images}", large)):

@@ -24,7 +24,7 @@ from evaluation.features import (DEFAULT_CACHE_DIR, ScriptedExtractor, TextTower
                                  extractor_fingerprint, load_or_train_classifier)
 from evaluation.sample import Sampler, generate, load_samples, read_prompts
 from models.diffusion import SAMPLERS
-from training import distributed
+from training import cli, distributed
 from training.data import DatasetError, load_dataset
 
 LIBRARIES = ("torch", "torchmetrics", "numpy", "scipy", "scikit-learn")
@@ -237,11 +237,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.num_samples < 2:
-        raise SystemExit("--num-samples: needs at least 2 images")
-    evaluate(args)
-    distributed.shutdown()
+        p.error("--num-samples: needs at least 2 images")
+    try:
+        cli.run(p, evaluate, args)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

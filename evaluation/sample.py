@@ -17,12 +17,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.autoencoder import load_autoencoder
 from models.diffusion import SAMPLERS, sample
-from training import distributed
-from training.checkpoint import load_ema_model, load_ema_text_encoder
-from training.latents import autoencoder_file
-from training.presets import build_diffusion
+from training import cli, distributed
+from training.loading import LoadedRun, load_run
 from training.text import NULL_CAPTION
 
 
@@ -43,22 +40,22 @@ def read_prompts(path) -> list[str]:
 class Conditioner:
     """Seeds -> (model_kwargs, null_kwargs, labels, prompts) for the run's condition type."""
 
-    def __init__(self, run_dir, config: dict, prompts: list[str] | None = None, device="cpu"):
-        model, data = config["model"], config["data"]
+    def __init__(self, run: LoadedRun, prompts: list[str] | None = None, device="cpu"):
+        model, data = run.config["model"], run.config["data"]
         self.num_classes = model.get("num_classes", 0)
         self.prompts, self.device, self.text_encoder = prompts, device, None
         if prompts is not None:
             if data.get("condition") != "text":
-                raise ValueError(f"prompts: run {run_dir} is not text-conditional (data.condition = "
+                raise ValueError(f"prompts: the run is not text-conditional (data.condition = "
                                  f"{data.get('condition')!r})")
-            self.text_encoder = load_ema_text_encoder(run_dir, device)
+            self.text_encoder = run.text_encoder
         elif data.get("condition") == "text":
-            raise ValueError(f"prompts: run {run_dir} is text-conditional; pass a prompt file")
-        # Paper 2's control metadata at sampling time: the full, unflipped image at its native size.
+            raise ValueError("prompts: the run is text-conditional; pass a prompt file")
+        # Paper 2's control metadata at sampling time: training.data.sampling_control, an in-distribution vector
+        # (centre crop, the data's most common original size, no flip) recorded in the config by training.
         self.control = None
         if model.get("control_dim", 0):
-            size = float(data["image_size"])
-            self.control = torch.tensor([0.0, 0.0, size, size, 0.0], device=device)
+            self.control = torch.tensor(data["sample_control"], device=device)
 
     def __call__(self, seeds: list[int]):
         count = len(seeds)
@@ -76,13 +73,6 @@ class Conditioner:
         return kwargs, null_kwargs, labels, prompts
 
 
-def load_decoder(config: dict, device="cpu"):
-    """The run's autoencoder for latent (LDM) runs (config["latent"]["autoencoder"]), else None."""
-    if not config.get("latent"):
-        return None
-    return load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)[0]
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C] (the rounding of training/stats.save_image_grid)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -95,13 +85,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 class Sampler:
     """A run's EMA model + schedule + condition/decoder, ready to turn seed lists into uint8 images."""
 
-    def __init__(self, run_dir, prompts: list[str] | None = None, device="cpu"):
-        self.model, self.config = load_ema_model(run_dir, map_location=device)
-        self.diffusion = build_diffusion(self.config["diffusion"])
-        self.conditioner = Conditioner(run_dir, self.config, prompts, device)
-        self.decoder = load_decoder(self.config, device)
-        model = self.config["model"]
-        self.shape = (model["in_channels"], model["input_size"], model["input_size"])
+    def __init__(self, run, prompts: list[str] | None = None, device="cpu"):
+        """run: a run dir, or a training.loading.LoadedRun (training's EMA sample grids)."""
+        run = run if isinstance(run, LoadedRun) else load_run(run, device)
+        self.model, self.config, self.diffusion, self.decoder = run.model, run.config, run.diffusion, run.decoder
+        self.conditioner = Conditioner(run, prompts, device)
+        self.shape = run.shape
         self.device = device
 
     @torch.no_grad()
@@ -210,7 +199,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m evaluation.sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="training run directory (ema.safetensors or checkpoints)")
     parser.add_argument("--out", required=True, help="output folder; one sub-folder per guidance scale")
     parser.add_argument("--num-samples", type=int, default=1000, help="seeds 0..N-1 (ignored with --seeds)")
@@ -224,6 +214,13 @@ def main(argv=None) -> None:
     parser.add_argument("--npz", action="store_true", help="also pack all samples into samples.npz")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        cli.run(parser, sample_all, args)
+    finally:
+        distributed.shutdown()
+
+
+def sample_all(args) -> None:
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num_samples))
     device = distributed.init()
     prompts = read_prompts(args.prompts) if args.prompts else None
@@ -234,7 +231,6 @@ def main(argv=None) -> None:
                  not args.no_progress)
         if args.npz and distributed.get_rank() == 0:
             print(pack_npz(out_dir, seeds, sampler.conditioner.num_classes))
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

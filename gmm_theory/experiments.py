@@ -9,8 +9,8 @@ from .closed_forms import (VERSIONS, Gaussian, class_means, expected_mean_gain, 
 from .exact_optimum import check_exact_optimum
 from .gaussians import (empirical_stats, entropy, entropy_from_eigenvalues, w2_squared_to_isotropic,
                         w2_squared_to_isotropic_from_eigenvalues)
-from .label_flip import (flipped_training_sets, labelled_mixture_weights, mixture_entropy, sample_mixture,
-                         sample_w2_squared)
+from .label_flip import (effective_gamma, flipped_training_sets, labelled_mixture_weights, mixture_entropy,
+                         sample_mixture, sample_w2_squared)
 from .simulation import simulate_probability_flow
 
 
@@ -38,16 +38,25 @@ def pair_mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(pairs.mean()), float(pairs.std(ddof=1) / math.sqrt(half))
 
 
+MU_SCALINGS = ("fixed", "proportional")
+
+
 def theorem_sweep(dims: Iterable[int], sample_sizes: Iterable[int], gammas: Iterable[float], num_pairs: int,
                   mu_norm: float, horizon: float, rng: np.random.Generator,
-                  progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
+                  progress: Callable[[Iterable], Iterable] = iter, mu_scaling: str = "fixed") -> list[dict]:
     """Delta-H (Theorem 1) and Delta-W2^2 = W2^2(P, clean) - W2^2(P, corrupted) (Theorem 2), both versions, averaged
-    over training-set draws. ||mu_k|| is held constant (the theorems' assumption); by rotation invariance mu_k = |mu| e_1."""
+    over training-set draws; by rotation invariance mu_k = |mu| e_1. mu_scaling "fixed" holds ||mu_k|| = mu_norm at
+    every d (the theorems' assumption); "proportional" grows ||mu_k||^2 = mu_norm^2 d / min(dims) with d, the case in
+    which the exact optimum's Delta-H = 1/2 log(1 + gamma^2/(1+gamma^2) mu^T Sigma^-1 mu) scales like gamma^2 d."""
+    if mu_scaling not in MU_SCALINGS:
+        raise ValueError(f"mu_scaling must be one of {MU_SCALINGS}, got {mu_scaling!r}")
     records = []
+    dims = list(dims)
     grid = [(d, n) for d in dims for n in sample_sizes if n > d]
     for d, n_k in progress(grid):
+        norm = mu_norm * math.sqrt(d / min(dims)) if mu_scaling == "proportional" else mu_norm
         true_mean = np.zeros(d)
-        true_mean[0] = mu_norm
+        true_mean[0] = norm
         mu_hat, sigma_hat = sample_empirical_stats(true_mean, n_k, num_pairs, rng)
 
         def entropy_and_w2(target):
@@ -65,10 +74,10 @@ def theorem_sweep(dims: Iterable[int], sample_sizes: Iterable[int], gammas: Iter
                 dh_mean, dh_se = pair_mean_and_se(delta_h)
                 dw_mean, dw_se = pair_mean_and_se(delta_w2)
                 records.append(dict(
-                    d=d, n_k=n_k, gamma=float(gamma), version=version, delta_h=dh_mean, delta_h_se=dh_se,
-                    delta_h_min=float(delta_h.min()), delta_w2=dw_mean, delta_w2_se=dw_se,
-                    bound=float(theorem2_lower_bound(gamma, d, n_k, mu_norm**2)),
-                    mean_gain_exact=float(expected_mean_gain(gamma, d, n_k, mu_norm**2)),
+                    d=d, n_k=n_k, mu_norm=norm, gamma=float(gamma), version=version, delta_h=dh_mean,
+                    delta_h_se=dh_se, delta_h_min=float(delta_h.min()), delta_w2=dw_mean, delta_w2_se=dw_se,
+                    bound=float(theorem2_lower_bound(gamma, d, n_k, norm**2)),
+                    mean_gain_exact=float(expected_mean_gain(gamma, d, n_k, norm**2)),
                     in_theorem2_range=bool(0 < gamma <= 1 / math.sqrt(n_k)),
                 ))
     return records
@@ -126,11 +135,8 @@ def exact_optimum_study(d: int, n_k: int, gammas: Iterable[float], t: float, num
 def label_flip_study(d: int, num_classes: int, n_k: int, etas: Iterable[float], num_draws: int, mu_norm: float,
                      mc_samples: int, ot_samples: int, rng: np.random.Generator,
                      progress: Callable[[Iterable], Iterable] = iter) -> list[dict]:
-    """Entropy and W2 of what is learned from label-flipped data, class 0, uniform class prior.
-
-    gamma_eff matches the flipped set's mean shrinkage with CEP's 1/(1+gamma^2): with centred class means the labelled
-    mean is mu_k (1 - eta K/(K-1)), so gamma_eff^2 = 1/(1 - eta K/(K-1)) - 1.
-    """
+    """Entropy and W2 of what is learned from label-flipped data, class 0, uniform class prior; gamma_eff is the CEP
+    gamma with the same mean shrinkage (label_flip.effective_gamma)."""
     means = class_means(num_classes, d, mu_norm)
     weights = np.full(num_classes, 1.0 / num_classes)
     truth = means[0]
@@ -148,8 +154,7 @@ def label_flip_study(d: int, num_classes: int, n_k: int, etas: Iterable[float], 
         delta_h = entropy(flip_cov) - entropy(clean_cov)
         delta_w2 = (w2_squared_to_isotropic(clean_mean, clean_cov, truth)
                     - w2_squared_to_isotropic(flip_mean, flip_cov, truth))
-        shrink = 1 - eta * num_classes / (num_classes - 1)
-        gamma_eff = math.sqrt(1 / shrink - 1) if shrink > 0 else math.inf
+        gamma_eff = effective_gamma(eta, num_classes)
         mixture_h, mixture_h_se = mixture_entropy(means, mixture, mc_samples, rng)
         mixture_w2 = sample_w2_squared(sample_mixture(means, mixture, ot_samples, rng), reference)
         records.append(dict(

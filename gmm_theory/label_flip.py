@@ -10,6 +10,8 @@ of the true class conditionals N(mu_j, I). Two learners are modelled:
     W2 by exact optimal transport on samples (POT `emd2`), whose sample-size bias is estimated by the same
     computation between two independent samples of the truth.
 """
+import math
+
 import numpy as np
 import ot
 from scipy.special import logsumexp
@@ -22,6 +24,14 @@ def check_eta(eta: float) -> float:
     if not 0 <= eta < 1:
         raise ValueError(f"eta must be in [0, 1), got {eta}")
     return eta
+
+
+def effective_gamma(eta: float, num_classes: int) -> float:
+    """gmm_theory's eta-to-gamma bridge: the CEP gamma whose mean shrinkage 1/(1+gamma^2) equals that of symmetric
+    flips at ratio eta under a uniform prior with centred class means, where the labelled mean is
+    mu_k (1 - eta K/(K-1)); so gamma^2 = 1/(1 - eta K/(K-1)) - 1 (inf once flips erase the class)."""
+    shrink = 1 - check_eta(eta) * num_classes / (num_classes - 1)
+    return math.sqrt(1 / shrink - 1) if shrink > 0 else math.inf
 
 
 def labelled_mixture_weights(weights, eta: float, class_index: int) -> np.ndarray:

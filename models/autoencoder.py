@@ -166,12 +166,12 @@ class Autoencoder(nn.Module):
         return float(self.scale_factor)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Training loss: pixel L1 reconstruction + the bottleneck's regulariser. Returns (loss, float stats)."""
+        """Training loss: pixel L1 reconstruction + the bottleneck's regulariser. Returns (loss, detached stats)."""
         reconstruction, regularizer = self(x)
         reconstruction_loss = (reconstruction - x).abs().mean()
         loss = reconstruction_loss + regularizer
-        return loss, {"loss": float(loss), "reconstruction": float(reconstruction_loss),
-                      "regularizer": float(regularizer)}
+        return loss, {"loss": loss.detach(), "reconstruction": reconstruction_loss.detach(),
+                      "regularizer": torch.as_tensor(regularizer).detach()}
 
 
 class VQModel(Autoencoder):

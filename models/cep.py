@@ -314,6 +314,7 @@ class CEP(nn.Module):
         if dim is not None:
             _check_int("dim", dim, 1)
         self.mode, self.gamma, self.dim = mode, float(gamma), dim
+        self.record_noise_ratio, self._noise_ratio = False, None   # training statistics, off by default
 
     @property
     def active(self) -> bool:
@@ -329,7 +330,23 @@ class CEP(nn.Module):
         seed = self.draw_seed()
         if seed is None:
             return x
+        self.note(x, seed)
         return perturb(x, self.gamma, self.mode, seed, 0, self.dim)
+
+    @torch.no_grad()
+    def note(self, embedding: torch.Tensor, seed: int) -> None:
+        """With record_noise_ratio on, keeps the batch mean of |delta| / |c(y)| for this draw as a device tensor
+        (delta regenerated from the same Philox seed; no host synchronisation)."""
+        if not self.record_noise_ratio:
+            return
+        embedding = embedding.detach().float()
+        delta = perturb(torch.zeros_like(embedding), self.gamma, self.mode, seed, 0, self.dim)
+        self._noise_ratio = (delta.flatten(1).norm(dim=1) / embedding.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+
+    def pop_noise_ratio(self) -> torch.Tensor | None:
+        """The last recorded ratio (then cleared), or None when no draw was recorded since."""
+        ratio, self._noise_ratio = self._noise_ratio, None
+        return ratio
 
     def extra_repr(self):
         return f"mode={self.mode!r}, gamma={self.gamma}, dim={self.dim}"

@@ -46,6 +46,7 @@ def apply_cep(cep: CEP, embedding: torch.Tensor, mask: torch.Tensor | None = Non
     seed = cep.draw_seed()
     if seed is None:
         return Condition(embedding, mask, 0.0, cep.mode, 0, cep.dim)
+    cep.note(embedding, seed)
     return Condition(embedding, mask, cep.gamma, cep.mode, seed, cep.dim)
 
 

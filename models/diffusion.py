@@ -197,7 +197,7 @@ def sample(model, diffusion: GaussianDiffusion, shape, model_kwargs: dict, null_
     ddim: Song et al. 2021 Eq. 12 with eta (0 = deterministic ODE). ddpm: the ancestral sampler, i.e. the same update
     with eta = 1 (posterior variance beta_tilde) on the respaced schedule, or the model's learned variance
     (Nichol & Dhariwal Eq. 15 on the respaced betas) for learn-sigma models. dpm++2m: Lu et al. 2022 (DPM-Solver++)
-    multistep second-order data-prediction solver, first order at the first and the final step.
+    multistep second-order data-prediction solver, first order on the first and the last update.
     The last step of every sampler goes to alpha_bar = 1 (x_0 = predicted x_0).
     """
     if sampler not in SAMPLERS:
@@ -252,7 +252,10 @@ def integrate(model, diffusion, shape, model_kwargs, null_kwargs, sampler, steps
             lam, lam_next = 0.5 * math.log(a / (1 - a)), 0.5 * math.log(a_next / (1 - a_next))
             h = lam_next - lam
             data = x0
-            if previous_x0 is not None:
+            # Second order except on the first step and on the last update, which lands on t = 0: there h is several
+            # times the previous step, and the extrapolation weight 1/(2r) would overshoot (DPM-Solver++'s
+            # lower_order_final; k-diffusion's sample_dpmpp_2m likewise ends first order).
+            if previous_x0 is not None and i < steps - 2:
                 r = previous_h / h
                 data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
             x = math.sqrt((1 - a_next) / (1 - a)) * x - math.sqrt(a_next) * math.expm1(-h) * data

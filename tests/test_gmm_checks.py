@@ -85,12 +85,16 @@ def test_verify_cli_writes_the_report(tmp_path, capsys):
                  "--ls-gammas", "0.7", "--ls-samples", "50000", "--etas", "0", "0.1", "--flip-draws", "50",
                  "--mc-samples", "5000", "--ot-samples", "100", "--no-progress"])
     report = (out / "report.md").read_text()
-    assert "| Thm 1: Delta-H = Theta(gamma^2 d) |" in report
+    assert "| Thm 1: Delta-H = Theta(gamma^2 d), norm of mu_k fixed at 2 |" in report
     results = json.loads((out / "results.json").read_text())
     assert results["verdicts"]["theorem1"]["paper"]["positive"] is True
     # the exact optimum's entropy gain does not scale with d (digest §1.9); the paper's does
     assert results["verdicts"]["theorem1"]["exact"]["d_exponent"] < 0.5
     assert results["verdicts"]["theorem1"]["paper"]["d_exponent"] > 0.75
+    # with ||mu_k||^2 ~ d the exact optimum recovers Theta(gamma^2 d) and the paper's form grows like d^2
+    assert 0.75 < results["verdicts"]["theorem1_mu_proportional"]["exact"]["d_exponent"] < 1.25
+    assert results["verdicts"]["theorem1_mu_proportional"]["paper"]["d_exponent"] > 1.5
+    assert "| Thm 1: Delta-H = Theta(gamma^2 d), squared norm of mu_k ~ d |" in report
     for name in ("theorem1.png", "theorem2.png", "simulation.png", "label_flip.png"):
         assert (out / name).stat().st_size > 10_000
     assert "theorem1 [paper]" in capsys.readouterr().out

@@ -137,7 +137,7 @@ def test_prompts_condition_a_text_run(tmp_path):
 
 
 def test_bad_inputs(sampler, run_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="run_dir"):
+    with pytest.raises(CheckpointError, match="run-dir"):
         Sampler(tmp_path / "no-run")
     with pytest.raises(ValueError, match="sampler"):
         generate(sampler, tmp_path, [0], 1.0, "euler", 3)

@@ -89,8 +89,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, bit rot, foreign pickle: all unusable
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({error}); "
-                              f"delete it to resume from the previous checkpoint") from error
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({error})") from error
     if not isinstance(state, dict) or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a cepdiff training checkpoint (no 'config' entry)")
     return state
@@ -100,10 +99,9 @@ def write_json(path, data: dict) -> None:
     atomic_write(Path(path), lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def record_config(run_dir: Path, config: dict) -> None:
-    """Writes run_dir/config.json on rank 0. Every rank first refuses a run dir that holds a different run's config,
-    so re-running a command resumes it but never mixes two experiments."""
-    from training import distributed
+def check_run_dir(run_dir: Path, config: dict) -> None:
+    """Refuses a run dir that holds a different run's config (every rank, before anything is written), so
+    re-running a command resumes it but never mixes two experiments."""
     from training.presets import resume_differences
 
     config_file = Path(run_dir) / "config.json"
@@ -112,9 +110,45 @@ def record_config(run_dir: Path, config: dict) -> None:
         if differences:
             raise ValueError(f"--run-dir {run_dir} holds a run with a different config ({', '.join(differences)}); "
                              f"use a new --run-dir or the original flags")
-    distributed.barrier()
-    if distributed.get_rank() == 0:
-        write_json(config_file, config)
+
+
+class CheckpointIO:
+    """The one checkpoint reader/writer of a training run (edm2's training_loop shape): resume from the newest
+    loadable checkpoint, atomic save with keep-last-K. Writes happen on rank 0 only; every rank reads."""
+
+    def __init__(self, run_dir, keep: int, log=print):
+        self.run_dir, self.keep, self.log = Path(run_dir), keep, log
+
+    def resume(self, map_location="cpu") -> dict | None:
+        """The newest checkpoint that loads. A truncated or corrupt one (e.g. a crash mid-copy) is moved aside as
+        <name>.corrupt (kept for inspection) with a warning, and the next older one is tried."""
+        from training import distributed
+
+        while True:
+            latest = distributed.broadcast_object(str(latest_checkpoint(self.run_dir) or "")
+                                                  if distributed.get_rank() == 0 else None)
+            if not latest:
+                return None
+            try:
+                state = load_checkpoint(latest, map_location)
+            except CheckpointError as error:
+                state = None
+                self.log(f"warning: {error}")
+            # Every rank agrees on the outcome before rank 0 renames anything.
+            if distributed.all_reduce_mean(torch.tensor(float(state is None))) == 0:
+                self.log(f"resumed from {latest} at {state['images_seen']} images")
+                return state
+            distributed.barrier()
+            if distributed.get_rank() == 0:
+                aside = Path(latest).with_name(Path(latest).name + ".corrupt")
+                os.replace(latest, aside)
+                self.log(f"warning: moved the unreadable checkpoint {latest} aside to {aside.name}")
+            distributed.barrier()
+
+    def save(self, images_seen: int, state: dict) -> Path:
+        path = save_checkpoint(self.run_dir, images_seen, state, self.keep)
+        self.log(f"saved {path.name}")
+        return path
 
 
 def export_ema(run_dir, ema_parts: dict, config: dict) -> None:
@@ -135,7 +169,7 @@ def load_ema_text_encoder(run_dir, map_location="cpu"):
     try:
         return TextEncoder.from_pretrained(Path(run_dir) / "text_encoder").to(map_location).eval()
     except ValueError as error:
-        raise CheckpointError(f"run_dir {run_dir} has no exported text encoder ({error})") from error
+        raise CheckpointError(f"--run-dir {run_dir} has no exported text encoder ({error})") from error
 
 
 def load_ema_model(run_dir, map_location="cpu"):
@@ -153,7 +187,7 @@ def load_ema_model(run_dir, map_location="cpu"):
     else:
         latest = latest_checkpoint(run_dir)
         if latest is None:
-            raise CheckpointError(f"run_dir {run_dir} has neither ema.safetensors nor checkpoints/ckpt-*.pt")
+            raise CheckpointError(f"--run-dir {run_dir} has neither ema.safetensors nor checkpoints/ckpt-*.pt")
         state = load_checkpoint(latest, map_location)
         config, state_dict = state["config"], state["ema"]
     model = build_model(dict(config["model"]))

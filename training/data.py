@@ -161,14 +161,32 @@ def augment(images: torch.Tensor, original_sizes: torch.Tensor, image_size: int,
     if random_crop and margin > 0:
         offsets = torch.randint(0, margin + 1, (batch, 2), generator=generator)
     else:
-        offsets = torch.full((batch, 2), margin // 2, dtype=torch.int64)
+        offsets = torch.full((batch, 2), centre_offset(store_size, image_size), dtype=torch.int64)
     flips = torch.rand(batch, generator=generator) < 0.5 if hflip else torch.zeros(batch, dtype=torch.bool)
     crops = torch.stack([img[:, top:top + image_size, left:left + image_size]
                          for img, (top, left) in zip(images, offsets.tolist())])
     crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
     x = crops.float() / 127.5 - 1.0
-    control = torch.cat([offsets, original_sizes, flips[:, None].long()], dim=1).float()
-    return x, control
+    return x, control_metadata(offsets, original_sizes, flips)
+
+
+def control_metadata(offsets: torch.Tensor, original_sizes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Paper 2's control vector per image, float [B, 5] in CONTROL_FIELDS order: the one builder for training
+    batches (pixels and latents) and, via sampling_control, for sampling."""
+    return torch.cat([offsets.long(), original_sizes.long(), flips[:, None].long()], dim=1).float()
+
+
+def centre_offset(store_size: int, image_size: int) -> int:
+    """Crop offset (top = left) of the centre crop that augment takes without random_crop."""
+    return (store_size - image_size) // 2
+
+
+def sampling_control(original_sizes: torch.Tensor, store_size: int, image_size: int) -> list[float]:
+    """The in-distribution control vector sampling uses by default: the centre crop, the data set's most common
+    original size, no flip (a size the model saw in training, unlike the model resolution)."""
+    sizes, counts = torch.unique(original_sizes, dim=0, return_counts=True)
+    offset = torch.full((1, 2), centre_offset(store_size, image_size))
+    return control_metadata(offset, sizes[counts.argmax()][None], torch.zeros(1, dtype=torch.bool))[0].tolist()
 
 
 def template_captions(labels: torch.Tensor, class_names: list[str], generator: torch.Generator) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 from models.autoencoder import AutoencoderKL, load_autoencoder
 from training import distributed
 from training.checkpoint import atomic_write
-from training.data import ImageDataset, augment
+from training.data import ImageDataset, augment, centre_offset, control_metadata
 
 ENCODE_BATCH = 256
 
@@ -22,15 +22,25 @@ def autoencoder_file(path) -> Path:
     return path
 
 
+def encoded_shape(config: dict, dataset: ImageDataset, device) -> tuple[int, int, int]:
+    """(C, h, w) of the run's latents, from one encoded image (nothing cached: the run dir is not checked yet)."""
+    autoencoder, _ = load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)
+    x, _ = augment(dataset.images[:1], dataset.original_sizes[:1], config["data"]["image_size"], False, False,
+                   torch.Generator())
+    with torch.no_grad():
+        return tuple(autoencoder.encode(x.to(device)).shape[1:])
+
+
 class LatentSource:
     """Cached latents [N, C, h, w] (+ flipped copies) -> (x, control) batches; `decode` maps samples to pixels."""
 
     def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, original_sizes: torch.Tensor,
-                 autoencoder, std: torch.Tensor | None = None, flipped_std: torch.Tensor | None = None):
+                 crop_offset: int, autoencoder, std: torch.Tensor | None = None,
+                 flipped_std: torch.Tensor | None = None):
         """`latents`, `flipped`, `std`: tensors or memory-mapped latent_shards.ShardedArray. With `std` (a KL
         posterior's scaled std) each batch draws a fresh posterior sample, as LDM and DiT do when encoding on the
         fly; without it the stored latent (VQ latent, KL mean) is used as is."""
-        self.latents, self.flipped, self.original_sizes = latents, flipped, original_sizes
+        self.latents, self.flipped, self.original_sizes, self.crop_offset = latents, flipped, original_sizes, crop_offset
         self.std, self.flipped_std = std, flipped_std
         self.autoencoder = autoencoder
         self.shape = tuple(latents.shape[1:])
@@ -52,8 +62,9 @@ class LatentSource:
         sample = (config.get("latent") or {}).get("posterior", "mean") == "sample" and shards.has("latents_std")
         arrays = {name: ShardedArray(shards, name) if shards.has(name) else None
                   for name in ("latents", "flipped", "latents_std", "flipped_std")}
+        # encode_latents encodes at the storage size (no crop margin): the crop offset is 0.
         return cls(arrays["latents"], arrays["flipped"] if data["hflip"] else None,
-                   ShardedArray(shards, "original_sizes"), autoencoder,
+                   ShardedArray(shards, "original_sizes"), 0, autoencoder,
                    arrays["latents_std"] if sample else None, arrays["flipped_std"] if sample and data["hflip"] else None)
 
     @classmethod
@@ -73,7 +84,8 @@ class LatentSource:
         distributed.barrier()
         if cache is not None:
             encoded = torch.load(cache, weights_only=True)
-        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, autoencoder)
+        crop_offset = centre_offset(dataset.images.shape[-1], data["image_size"])  # encode_dataset's centre crop
+        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, crop_offset, autoencoder)
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.latents[indices]
@@ -86,9 +98,8 @@ class LatentSource:
                 std = torch.where(flips[:, None, None, None], self.flipped_std[indices], std)
         if std is not None:
             x = x + std * torch.randn(x.shape, generator=generator)
-        control = torch.cat([torch.zeros(len(indices), 2, dtype=torch.int64), self.original_sizes[indices],
-                             flips[:, None].long()], dim=1).float()
-        return x, control
+        offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
+        return x, control_metadata(offsets, self.original_sizes[indices], flips)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

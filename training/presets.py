@@ -4,6 +4,8 @@ source of truth stored in config.json and in every checkpoint.
 Config sections: "model" (the models.build_model config), "diffusion", "data", "latent", "corruption",
 "training", "logging", plus "seed" and "init_from" (resolution transfer)."""
 import copy
+import difflib
+import inspect
 import json
 from pathlib import Path
 
@@ -65,6 +67,62 @@ def merge(base: dict, update: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# Keys of the sections that are null by default.
+OPEN_SECTIONS = {"latent": {"autoencoder": "", "posterior": "mean"},
+                 "text_encoder": {"vocab_size": 0, "max_length": 0, "width": 0, "depth": 0, "num_heads": 0,
+                                  "padding": ""}}
+
+
+def config_keys(config: dict) -> dict:
+    """Every dotted key holding a value in a config -> that value (null sections and empty dicts excluded)."""
+    keys = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif not (value is None and f"{prefix}{key}" in OPEN_SECTIONS):
+                keys[f"{prefix}{key}"] = value
+
+    walk(config, "")
+    return keys
+
+
+def constructor_keys(section: str, constructor) -> dict:
+    """"section.<argument>" -> default for a constructor's arguments (None when it has no default)."""
+    parameters = inspect.signature(constructor).parameters.items()
+    return {f"{section}.{name}": None if p.default is inspect.Parameter.empty else p.default
+            for name, p in parameters if name != "self"}
+
+
+def run_config_keys(config: dict) -> dict:
+    """The settable keys of a training.train config: its values, the null sections' keys and the model's
+    constructor arguments."""
+    from models import architecture  # models imports torch; keep this module's import cheap
+
+    keys = {f"{section}.{key}": value for section, defaults in OPEN_SECTIONS.items() for key, value in defaults.items()}
+    if config["model"].get("arch") in ("dit", "unet"):
+        keys |= constructor_keys("model", architecture(config["model"]["arch"])[0].__init__)
+    return keys | config_keys(config)
+
+
+def check_override(keys: dict, dotted: str, value, flag: str = "--set") -> None:
+    """Rejects an unknown key (naming the nearest valid one of `keys`, dotted key -> current value) or a value whose
+    type differs from the current value's."""
+    if dotted not in keys:
+        nearest = difflib.get_close_matches(dotted, list(keys), n=1, cutoff=0.0)
+        raise ValueError(f"{flag} {dotted}: unknown config key" + (f"; did you mean {nearest[0]}?" if nearest else ""))
+    expected = keys[dotted]
+    if expected is None or value is None:
+        return
+    same_kind = (isinstance(value, bool) == isinstance(expected, bool)
+                 and (isinstance(value, type(expected)) or isinstance(expected, float) and isinstance(value, int)
+                      or isinstance(expected, (list, tuple)) and isinstance(value, list)))
+    if not same_kind:
+        raise ValueError(f"{flag} {dotted}: expected a {type(expected).__name__} (like {expected!r}), "
+                         f"got {type(value).__name__} {value!r}")
 
 
 def set_path(config: dict, dotted: str, value) -> None:

@@ -19,35 +19,30 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
+from models.cep import CEP
 from models.text_encoder import TextEncoder
-from models.diffusion import sample
-from training import distributed
-from training.checkpoint import (CheckpointError, export_ema, latest_checkpoint, load_checkpoint, record_config,
-                                 resolve_checkpoint, save_checkpoint)
+from training import cli, distributed
+from training.checkpoint import CheckpointError, export_ema, load_checkpoint, resolve_checkpoint
 from training.corruption import random_flip
 from training.data import DataOrder, hash_seed, template_captions
 from training.ema import EMA
-from training.prepare import model_input_shape, prepare
-from training.presets import build_diffusion, load_preset, parse_override, set_path
+from training.loading import LoadedRun
+from training.prepare import prepare
+from training.presets import build_diffusion, load_preset, run_config_keys
 from training.regularizers import attach_embedding_regularizers
+from training.run import Run, Tick
 from training.sources import step_indices
 from training.stats import RunLogger, crossed, save_image_grid
-from training.text import NULL_CAPTION, TextConditionedDenoiser, drop_captions, parts
+from training.text import TextConditionedDenoiser, drop_captions, parts
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CEP_MODES = ("none", "uniform", "gaussian")
 
 # (flag, dotted config key, type, help): each flag overrides one preset value.
 FLAGS = (
-    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz, image folder or tar shards"),
-    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream): workers decode on the fly"),
-    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
-    ("--latents", "data.latents", str, "latent shards of training.encode_latents: train on them (memory-mapped)"),
-    ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
-    ("--image-size", "data.image_size", int, "model resolution in pixels"),
     ("--hflip", "data.hflip", bool, "random horizontal flips (emitted as control metadata)"),
     ("--random-crop", "data.random_crop", bool, "random crops (emitted as control metadata)"),
     ("--corruption", "corruption.kind", str, "symmetric (default) | asymmetric | random | caption-swap | none"),
@@ -59,57 +54,38 @@ FLAGS = (
     ("--input-perturbation", "training.input_perturbation", float, "IP baseline gamma_IP (0 = off)"),
     ("--cond-dropout", "training.cond_dropout", float, "dropout on the class embedding (baseline)"),
     ("--label-smoothing", "training.label_smoothing", float, "label smoothing of the class embedding (baseline)"),
-    ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),
     ("--grad-accum", "training.grad_accum", int, "gradient accumulation rounds per step"),
-    ("--total-images", "training.total_images", int, "training length in images"),
     ("--lr", "training.lr", float, "AdamW learning rate (constant after warm-up)"),
     ("--warmup-images", "training.warmup_images", int, "linear lr warm-up length in images"),
     ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
-    ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),
     ("--ema-decay", "training.ema_decay", float, "EMA decay per step"),
     ("--precision", "training.precision", str, "fp32 | bf16 | fp16 autocast"),
     ("--compile", "training.compile", bool, "torch.compile the model"),
     ("--tf32", "training.tf32", bool, "TF32 matmuls and convolutions on CUDA (default on; no effect on CPU)"),
     ("--grad-checkpointing", "training.grad_checkpointing", bool,
      "recompute DiT / U-Net blocks in backward instead of storing activations (less memory, ~30% more compute)"),
+    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream): workers decode on the fly"),
+    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
+    ("--latents", "data.latents", str, "latent shards of training.encode_latents: train on them (memory-mapped)"),
     ("--max-nonfinite", "training.max_nonfinite", int, "abort after this many non-finite losses in a row"),
-    ("--seed", "seed", int, "run seed"),
-    ("--log-every-images", "logging.log_every_images", int, "status line + stats.jsonl interval"),
-    ("--checkpoint-every-images", "logging.checkpoint_every_images", int, "checkpoint interval"),
     ("--sample-every-images", "logging.sample_every_images", int, "EMA sample grid interval (0 = only at the end)"),
-    ("--keep-checkpoints", "logging.keep_checkpoints", int, "keep the newest K checkpoints"),
     ("--autoencoder", "latent.autoencoder", str, "trained autoencoder run dir: train on its latents (LDM path)"),
     ("--init-from", "init_from", str, "run dir or checkpoint to start from (resolution transfer)"),
     ("--resolution-shift", "diffusion.resolution_shift", float, "noise-schedule shift ratio (paper 2)"),
+    *cli.RUN_FLAGS,
 )
 
 
-def parse_args(argv=None) -> tuple[dict, Path, bool]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", required=True, help="configs/<name>.json or a JSON path")
-    parser.add_argument("--run-dir", required=True, help="output folder; re-running with it resumes")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override any config value, e.g. --set model.depth=2")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    for flag, _, kind, help_text in FLAGS:
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=str if kind == "ints" else kind, default=None, help=help_text)
+def build_parser() -> argparse.ArgumentParser:
+    return cli.build_parser("python -m training.train", __doc__, FLAGS, help="configs/<name>.json or a JSON path")
+
+
+def parse_args(argv=None, parser=None) -> tuple[dict, Path, bool]:
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     config = load_preset(args.preset)
     config["preset"] = args.preset
-    for flag, key, kind, _ in FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            if kind == "ints":
-                try:
-                    value = [int(v) for v in value.split(",")]
-                except ValueError:
-                    parser.error(f"{flag} must be comma-separated integers, got {value!r}")
-            set_path(config, key, value)
-    for item in args.set:
-        set_path(config, *parse_override(item))
+    config = cli.apply_config_flags(args, config, FLAGS, run_config_keys)
     return config, Path(args.run_dir), not args.no_progress
 
 
@@ -137,6 +113,14 @@ def check_config(config: dict, world_size: int) -> None:
                         ("--input-perturbation", training["input_perturbation"])):
         if not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise ValueError(f"{flag} must be a finite number >= 0, got {value!r}")
+    if isinstance(config["corruption"]["ratio"], bool) or not isinstance(config["corruption"]["ratio"], (int, float)) \
+            or not 0 <= config["corruption"]["ratio"] < 1:
+        raise ValueError(f"--corruption-ratio must be a number in [0, 1), got {config['corruption']['ratio']!r}")
+    if config["model"].get("cep_mode", "none") not in CEP_MODES:
+        raise ValueError(f"--cep must be one of {CEP_MODES}, got {config['model']['cep_mode']!r}")
+    gamma = config["model"].get("cep_gamma", 0.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
+        raise ValueError(f"--cep-gamma must be a finite number >= 0, got {gamma!r}")
     if training["lr"] <= 0:
         raise ValueError(f"--lr must be > 0, got {training['lr']!r}")
     if not isinstance(training["ema_decay"], (int, float)) or not 0 <= training["ema_decay"] < 1:
@@ -182,48 +166,43 @@ def init_from(model: torch.nn.Module, source: str, logger: RunLogger) -> None:
 
 
 @torch.no_grad()
-def save_samples(ema_model, diffusion, config, data, path, device) -> None:
-    """A grid of EMA samples, one generator per image (seeded by image index), classes cycling."""
-    logging, model = config["logging"], config["model"]
-    count = logging["num_samples"]
-    shape = (count, *model_input_shape(config))
-    kwargs, null_kwargs = {}, {}
-    classes = torch.arange(count) % config["data"]["num_classes"]
-    if data.labels is not None:
-        kwargs["y"] = classes.to(device)
-        null_kwargs["y"] = torch.full((count,), model["num_classes"], device=device)
-    elif data.captions is not None:
-        kwargs["captions"] = template_captions(classes, config["data"]["class_names"], torch.Generator())
-        null_kwargs["captions"] = [NULL_CAPTION] * count
-    generators = [torch.Generator(device).manual_seed(hash_seed(config["seed"], i)) for i in range(count)]
-    images = sample(ema_model, diffusion, shape, kwargs, null_kwargs, logging["sampler"], logging["sample_steps"],
-                    logging["sample_guidance"], generators, device=device)
-    if hasattr(data.source, "decode"):
-        images = data.source.decode(images)
-    save_image_grid(images.float(), path)
+def save_samples(ema_model, config, path, device) -> None:
+    """A grid of EMA samples through evaluation's Sampler (the path `evaluate` takes): seeds 0..N-1, classes (or
+    class-name captions) cycling."""
+    from evaluation.sample import Sampler  # evaluation imports training: import at use
+
+    ema_parts = parts(ema_model)
+    run = LoadedRun.from_parts(config, ema_parts["model"], ema_parts.get("text_encoder"), device)
+    prompts = None
+    if config["data"]["condition"] == "text":
+        classes = torch.arange(config["data"]["num_classes"])
+        prompts = template_captions(classes, config["data"]["class_names"], torch.Generator())
+    logging = config["logging"]
+    images = Sampler(run, prompts, device)(list(range(logging["num_samples"])), logging["sample_guidance"],
+                                           logging["sampler"], logging["sample_steps"])["images"]
+    save_image_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, path)
+
+
+def build_net(config: dict) -> torch.nn.Module:
+    net = build_model(config["model"])
+    if config["data"]["condition"] == "text":
+        net = TextConditionedDenoiser(net, TextEncoder(**config["text_encoder"]))
+    return net
 
 
 def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     """Runs (or resumes) one training job; returns the final stats record."""
-    device = distributed.init()
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    check_config(config, world_size)
+    distributed.init()
+    check_config(config, distributed.get_world_size())  # flag errors before the run dir is even created
+    run = Run(run_dir, config["logging"]["keep_checkpoints"])
+    device, rank, world_size = run.device, run.rank, run.world_size
     if device.type == "cuda":  # DiT: ~1.6x on A100; recorded in config.json as training.tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config["training"]["tf32"]
-    run_dir = Path(run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    logger = RunLogger(run_dir, rank)
-    config, data = prepare(config, run_dir, rank, device)
+    config, data = prepare(config, run.run_dir, rank, device, check_run_dir=run.check)
+    run.record_config(config)
     training, logging = config["training"], config["logging"]
-    record_config(run_dir, config)
 
-    torch.manual_seed(hash_seed(config["seed"], 0xA11))  # weights: identical init on every rank
-    net = build_model(config["model"])
-    if config["data"]["condition"] == "text":
-        net = TextConditionedDenoiser(net, TextEncoder(**config["text_encoder"]))
-    net = net.to(device)
+    net = run.build(lambda: build_net(config), config["seed"])
     for module in net.modules():  # DiT / U-Net; the EMA copy is in eval mode under no_grad and never recomputes
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = training["grad_checkpointing"]
@@ -235,21 +214,16 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
     diffusion = build_diffusion(config["diffusion"])
     images_seen, nonfinite_total, nonfinite_streak = 0, 0, 0
 
-    latest = distributed.broadcast_object(str(latest_checkpoint(run_dir) or "") if rank == 0 else None)
-    if latest:
-        counters = load_training_state(load_checkpoint(latest, map_location=device), net, ema, optimizer, scaler)
-        images_seen, nonfinite_total, nonfinite_streak = counters
-        logger.log(f"resumed from {latest} at {images_seen} images")
+    state = run.checkpoints.resume(map_location=device)
+    if state is not None:
+        images_seen, nonfinite_total, nonfinite_streak = load_training_state(state, net, ema, optimizer, scaler)
     elif config.get("init_from"):
-        init_from(net, config["init_from"], logger)
+        init_from(net, config["init_from"], run.logger)
         ema.model.load_state_dict(net.state_dict())
-    model = net
-    if world_size > 1:
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if training["compile"]:
-        model = torch.compile(model)
-    logger.log(f"{world_size} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, "
-               f"{data.num_items} training items, run dir {run_dir}")
+    model = run.wrap(net, training["compile"])
+    cep_modules = track_cep_noise_ratio(net)
+    run.logger.log(f"{world_size} process(es), {sum(p.numel() for p in net.parameters()):,} parameters, "
+                   f"{data.num_items} training items, run dir {run.run_dir}")
 
     order = DataOrder(data.num_items, hash_seed(config["seed"], 0xDA7A))
     micro_batch = training["batch_size"] // (world_size * training["grad_accum"])
@@ -258,16 +232,15 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
                                        world_size, rank, training["grad_accum"]))
     autocast_dtype = PRECISIONS[training["precision"]]
     bar = tqdm(total=training["total_images"], initial=images_seen, unit="img", disable=rank != 0 or not progress)
-    tick = {"images": images_seen, "seconds": 0.0, "loss": 0.0, "steps": 0}
+    tick, tick_images = Tick(device), images_seen
     record, grad_norm = {}, None
 
     def save(final: bool = False) -> None:
         distributed.check_consistency(net)
         if rank == 0:
             state = training_state(config, net, ema, optimizer, scaler, images_seen, nonfinite_total, nonfinite_streak)
-            path = save_checkpoint(run_dir, images_seen, state, logging["keep_checkpoints"])
-            export_ema(run_dir, parts(ema.model), config)
-            logger.log(f"saved {path.name}{' (final)' if final else ''}")
+            run.checkpoints.save(images_seen, state)
+            export_ema(run.run_dir, parts(ema.model), config)
         distributed.barrier()
 
     while images_seen < training["total_images"]:
@@ -277,7 +250,7 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
         loss_sum = torch.zeros((), device=device)
         for accum_round in range(training["grad_accum"]):
             start = images_seen + (accum_round * world_size + rank) * micro_batch
-            step_seed = hash_seed(config["seed"], rank, images_seen, accum_round)
+            step_seed = run.step_seed(config["seed"], images_seen, accum_round)
             torch.manual_seed(step_seed)  # label dropout, CEP seeds and baselines draw from the global RNG
             generator = torch.Generator(device).manual_seed(hash_seed(step_seed, 1))
             x0, kwargs = model_inputs(data, config, order.indices(start, micro_batch), generator, device)
@@ -289,46 +262,66 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
                                                  generator=generator).mean()
                 scaler.scale(loss / training["grad_accum"]).backward()  # DDP all-reduces on the last round
             loss_sum += loss.detach().float()
-        finite = distributed.all_reduce_mean(torch.isfinite(loss_sum).float()) == 1  # all ranks agree
         images_seen += training["batch_size"]
-        if finite:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"] or math.inf)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), training["grad_clip"] or math.inf)
+        # DDP gave every rank the same gradients, and a non-finite loss on any rank makes them non-finite: every
+        # rank takes the same decision without a collective.
+        if torch.isfinite(grad_norm):
             scaler.step(optimizer)
             scaler.update()
             ema.update(net)
             nonfinite_streak = 0
-            tick["loss"] += float(distributed.all_reduce_mean(loss_sum / training["grad_accum"]))
-            tick["steps"] += 1
+            tick.add(loss=loss_sum / training["grad_accum"], **cep_noise_ratio(cep_modules))
+            tick.steps += 1
         else:
             nonfinite_total, nonfinite_streak = nonfinite_total + 1, nonfinite_streak + 1
-            logger.log(f"non-finite loss at {images_seen} images: step skipped ({nonfinite_streak} in a row)")
+            run.logger.log(f"non-finite loss at {images_seen} images: step skipped ({nonfinite_streak} in a row)")
             if nonfinite_streak >= training["max_nonfinite"]:
                 raise RuntimeError(f"aborting: {nonfinite_streak} consecutive steps had a non-finite loss (up to "
                                    f"{images_seen} images); lower --lr, use --precision fp32 or check the data")
         optimizer.zero_grad(set_to_none=True)
-        tick["seconds"] += time.perf_counter() - started
+        tick.seconds += time.perf_counter() - started
         bar.update(training["batch_size"])
         done = images_seen >= training["total_images"]
         if done or crossed(images_seen, training["batch_size"], logging["log_every_images"]):
-            seen = images_seen - tick["images"]
-            record = {"images_seen": images_seen, "kimg": images_seen / 1000, "loss": tick["loss"] / max(tick["steps"], 1),
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_second": seen / max(tick["seconds"], 1e-9),
-                      "nonfinite_total": nonfinite_total, "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "world_size": world_size, "time": time.time()}
-            logger.stats(record)
-            logger.log(f"kimg {record['kimg']:.1f} loss {record['loss']:.4f} img/s {record['images_per_second']:.1f}")
-            tick = {"images": images_seen, "seconds": 0.0, "loss": 0.0, "steps": 0}
+            seconds = tick.seconds
+            means = tick.read()
+            record = {"images_seen": images_seen, "kimg": images_seen / 1000, "loss": means.get("loss", 0.0),
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_second": (images_seen - tick_images) / max(seconds, 1e-9),
+                      "nonfinite_total": nonfinite_total, "grad_norm": float(grad_norm),
+                      "world_size": world_size, "time": time.time(),
+                      **{k: v for k, v in means.items() if k != "loss"}}
+            run.logger.stats(record)
+            run.logger.log(f"kimg {record['kimg']:.1f} loss {record['loss']:.4f} "
+                           f"img/s {record['images_per_second']:.1f}")
+            tick_images = images_seen
         if done or crossed(images_seen, training["batch_size"], logging["checkpoint_every_images"]):
             save(final=done)
         sample_every = logging["sample_every_images"]
         if rank == 0 and sample_every and crossed(images_seen, training["batch_size"], sample_every):
-            save_samples(ema.model, diffusion, config, data, samples_path(run_dir, images_seen), device)
+            save_samples(ema.model, config, samples_path(run.run_dir, images_seen), device)
     bar.close()
-    if rank == 0 and not samples_path(run_dir, images_seen).exists():  # also after a crash while sampling
-        save_samples(ema.model, diffusion, config, data, samples_path(run_dir, images_seen), device)
+    if rank == 0 and not samples_path(run.run_dir, images_seen).exists():  # also after a crash while sampling
+        save_samples(ema.model, config, samples_path(run.run_dir, images_seen), device)
     distributed.barrier()
     return record
+
+
+def track_cep_noise_ratio(net: torch.nn.Module) -> list[CEP]:
+    """The active CEP modules of a model, set to record |delta| / |c(y)| (paper 1 Eq. 8) on the device."""
+    modules = [m for m in net.modules() if isinstance(m, CEP) and m.mode != "none" and m.gamma > 0]
+    for module in modules:
+        module.record_noise_ratio = True
+    return modules
+
+
+def cep_noise_ratio(modules: list[CEP]) -> dict:
+    """{"cep_noise_ratio": batch-mean |delta| / |c(y)| of this step} (a device tensor), or {} without CEP."""
+    ratios = [m.pop_noise_ratio() for m in modules]
+    ratios = [r for r in ratios if r is not None]
+    return {"cep_noise_ratio": torch.stack(ratios).mean()} if ratios else {}
 
 
 def training_state(config, net, ema, optimizer, scaler, images_seen, nonfinite_total, nonfinite_streak) -> dict:
@@ -369,9 +362,9 @@ def net_no_sync(model):
 
 
 def main(argv=None) -> None:
-    config, run_dir, progress = parse_args(argv)
+    parser = build_parser()
     try:
-        train(config, run_dir, progress)
+        cli.run(parser, lambda: train(*parse_args(argv, parser)))
     finally:
         distributed.shutdown()
 

@@ -7,9 +7,9 @@
 // Only ATen/c10 headers (DESIGN.md §4); launches on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE/cuSOLVER headers
 
 #include <limits>
 
@@ -237,7 +237,7 @@ TensorPair cross_attention_cuda(const at::Tensor& q, const at::Tensor& context, 
     AT_DISPATCH_FLOATING_TYPES(f.r.q.scalar_type(), "cep_cross_attention_cuda", [&] {
       const Params<scalar_t> p = make_params<scalar_t>(f.s, f.r, 2);
       const size_t shared = 2 * p.key_tile * f.s.head_dim * sizeof(scalar_t);
-      forward_kernel<scalar_t><<<blocks, kWarps * 32, shared, at::cuda::getCurrentCUDAStream()>>>(
+      forward_kernel<scalar_t><<<blocks, kWarps * 32, shared, c10::cuda::getCurrentCUDAStream()>>>(
           p, f.out.data_ptr<scalar_t>(), f.lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -259,7 +259,7 @@ TensorQuad cross_attention_backward_cuda(const at::Tensor& grad_out, const at::T
     AT_DISPATCH_FLOATING_TYPES(b.r.q.scalar_type(), "cep_cross_attention_backward_cuda", [&] {
       const Params<scalar_t> p = make_params<scalar_t>(b.s, b.r, 4);
       const size_t shared = 4 * p.key_tile * b.s.head_dim * sizeof(scalar_t);
-      backward_kernel<scalar_t><<<blocks, kWarps * 32, shared, at::cuda::getCurrentCUDAStream()>>>(
+      backward_kernel<scalar_t><<<blocks, kWarps * 32, shared, c10::cuda::getCurrentCUDAStream()>>>(
           p, b.grad_out.const_data_ptr<scalar_t>(), b.out.const_data_ptr<scalar_t>(),
           b.lse.const_data_ptr<scalar_t>(), b.grad_q.data_ptr<scalar_t>(), b.grad_k.data_ptr<scalar_t>(),
           b.grad_v.data_ptr<scalar_t>());

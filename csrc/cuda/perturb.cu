@@ -3,10 +3,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuBLAS/cuSPARSE/cuSOLVER headers
 
 #include "cep.h"
 #include "philox.h"
@@ -51,7 +51,7 @@ at::Tensor perturb_cuda(const at::Tensor& x, double gamma, c10::string_view mode
   if (num_calls == 0) return out;
   const int64_t blocks = std::min<int64_t>((num_calls + kThreads - 1) / kThreads, 65535);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cep_perturb_cuda", [&] {
-    perturb_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    perturb_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         input.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel(),
         static_cast<at::opmath_type<scalar_t>>(stream.scale), stream.gaussian, stream.seed, stream.offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

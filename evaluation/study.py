@@ -1,0 +1,258 @@
+"""Study harness: a plan (configs/studies/<plan>.json: settings x seeds x evaluation x claims) -> runs ->
+evaluations -> mean and 95 % interval per setting, paired differences, verdicts -> results/study/<plan>/
+(report.md, summary.json, PNG plots, one small JSON record per finished run).
+
+    python -m evaluation.study configs/studies/demo-digits.json --dry-run     # every run, done or to do, and its cost
+    python -m evaluation.study configs/studies/demo-digits.json               # run what is missing, then aggregate
+    python -m evaluation.study configs/studies/gmm.json --shard 0/2           # half of the runs (and --shard 1/2)
+    python -m evaluation.study configs/studies/gmm.json --aggregate-only      # report from the records only
+
+A run with a record in results/study/<plan>/runs/ is done, even where its run dir is gone; a record whose run
+definition (preset, flags, kwargs, evaluation) differs from the plan's is stale and runs again.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluation import study_runners as runners
+from evaluation.study_plan import Plan, PlanError, Run, load_plan, select
+from evaluation.study_report import write_outputs, write_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+#################################################################################
+#                                   Records                                     #
+#################################################################################
+
+def run_spec(plan: Plan, run: Run) -> dict:
+    """What defines a run's numbers; a record made under another definition is stale. (base.nproc is left out: it
+    is a resource choice.)"""
+    if plan.kind == "gmm":
+        return {"runner": plan.runner, "kwargs": runners.gmm_kwargs(plan, run.setting)}
+    return {"train": runners.train_args(plan, run.setting), "evaluation": runners.evaluation_args(
+        plan, plan.evaluation["num_samples"])}
+
+
+def record_path(out: Path, plan: Plan, run: Run) -> Path:
+    return out / plan.name / "runs" / f"{run.name}.json"
+
+
+def load_records(plan: Plan, out: Path) -> dict:
+    """Run -> its record, for the plan's runs that have one (stale ones included; see is_stale)."""
+    records = {}
+    for run in plan.runs():
+        path = record_path(out, plan, run)
+        if path.is_file():
+            try:
+                records[run] = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error}); delete it to run again") from error
+    return records
+
+
+def is_stale(plan: Plan, run: Run, record: dict) -> bool:
+    return record.get("spec") != json.loads(json.dumps(run_spec(plan, run)))
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def machine() -> str:
+    return (f"{platform.node()}: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"python {platform.python_version()}, torch {torch.__version__}")
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def run_dir(args, plan: Plan, run: Run) -> Path:
+    return Path(args.runs_root) / plan.name / run.setting / f"seed{run.seed}"
+
+
+def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
+    """Runs one (setting, seed) and writes its record atomically."""
+    started = now()
+    if plan.kind == "gmm":
+        fields = runners.run_gmm(plan, run, not args.no_progress)
+    else:
+        directory = run_dir(args, plan, run)
+        if stale:  # evaluate reuses existing samples: drop those of an older definition of the run
+            runners.drop_evaluation_samples(plan, directory)
+        fields = runners.run_image(plan, run, directory)
+    record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
+              "machine": machine(), "git_commit": git_commit(),
+              "started": started, "finished": now()}
+    write_json(record_path(Path(args.out), plan, run), record)
+    return record
+
+
+#################################################################################
+#                                 Cost estimate                                 #
+#################################################################################
+
+def estimate_gmm(plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict, str]:
+    """Run -> seconds: the mean recorded wall time of its setting, else of all records, else one timed run."""
+    walls = {}
+    for record in done:
+        walls.setdefault(record["setting"], []).append(record["wall_s"])
+    if walls:
+        every = [wall for values in walls.values() for wall in values]
+        overall = sum(every) / len(every)
+        return ({run: statistics.mean(walls.get(run.setting, [overall])) for run in todo},
+                f"mean wall time of {len(every)} finished runs (of the same setting where it has some)")
+    start = time.perf_counter()
+    runners.run_gmm(plan, todo[0], progress=False)
+    seconds = time.perf_counter() - start
+    return ({run: seconds for run in todo},
+            f"calibration: one timed run ({todo[0].name}, {seconds:.1f} s, not recorded), applied to every run")
+
+
+def estimate_image(args, plan: Plan, todo: list[Run], done: list[dict]) -> tuple[dict, str]:
+    """Run -> seconds from a cost model fitted to the plan's records, else existing run dirs, else a calibration."""
+    model = runners.image_cost_model(done, [run_dir(args, plan, run) for run in plan.runs()])
+    source = (f"{len(done)} finished runs of this plan" if done else
+              "training images/s in existing run dirs' stats.jsonl; start-up and evaluation not included")
+    if model is None:
+        model = runners.calibrate_image(plan, not args.no_progress)
+        source = "calibration: 8 training steps of the baseline setting and a 20-image evaluation, measured now"
+    source += (f" ({model['images_per_second']:.0f} training images/s, {model['train_overhead_s']:.0f} s start-up, "
+               f"evaluation {model['evaluate_fixed_s']:.0f} s + {model['evaluate_per_sample_s'] * 1000:.1f} s "
+               "per 1000 images)")
+    total_images = {s: runners.image_config(plan, s)["training"]["total_images"] for s in {r.setting for r in todo}}
+    return ({run: runners.image_seconds(model, total_images[run.setting], plan.evaluation["num_samples"])
+             for run in todo}, source)
+
+
+def pending(plan: Plan, selected: list[Run], records: dict) -> list[Run]:
+    """The selected runs without a current record."""
+    return [run for run in selected if run not in records or is_stale(plan, run, records[run])]
+
+
+def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
+    """Prints every selected run with its status and estimate; returns (and stores) the summary for report.md."""
+    todo = pending(plan, selected, records)
+    done = [record for run, record in records.items() if not is_stale(plan, run, record)]
+    if not todo:
+        seconds, source = {}, "nothing to do"
+    elif plan.kind == "gmm":
+        seconds, source = estimate_gmm(plan, todo, done)
+    else:
+        seconds, source = estimate_image(args, plan, todo, done)
+    width = max((len(run.name) for run in selected), default=0)
+    for run in selected:
+        status = ("stale" if run in records else "to do") if run in seconds else "done"
+        cost = f"~{seconds[run]:8.1f} s" if run in seconds else f"({records[run]['wall_s']:.1f} s recorded)"
+        print(f"{run.name:<{width}}  {status:<6} {cost}")
+    total = sum(seconds.values())
+    print(f"{len(todo)} of {len(selected)} runs to do, estimated {total:.0f} s ({total / 3600:.2f} h) on this "
+          f"machine; estimate from {source}")
+    summary = {"time": now(), "runs": len(selected), "todo": len(todo), "estimated_s": total, "source": source,
+               "machine": machine(), "command": args.command}
+    write_json(Path(args.out) / plan.name / "dry_run.json", summary)
+    return summary
+
+
+#################################################################################
+#                                      CLI                                      #
+#################################################################################
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "evaluation.study", *argv])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be i/n with integers, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"needs 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="configs/studies/<plan>.json")
+    p.add_argument("--dry-run", action="store_true", help="list every run (done / to do) and its estimated cost")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, metavar="SETTING[,SETTING]",
+                   help="run only these settings")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="i/n",
+                   help="run only runs i, i+n, i+2n, ... (0-based) of the plan's (setting, seed) list")
+    p.add_argument("--runs-root", default="runs/study", help="image plans: run dirs go to <runs-root>/<plan>/")
+    p.add_argument("--out", default="results/study", help="records and report go to <out>/<plan>/")
+    p.add_argument("--aggregate-only", action="store_true", help="run nothing; aggregate the existing records")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def study(argv: list[str]) -> dict | None:
+    """Runs the plan (or the selected part of it) and aggregates; returns the summary (None on --dry-run)."""
+    args = parser().parse_args(argv)
+    args.command = command_line(argv)
+    plan = load_plan(args.plan)
+    if plan.kind == "image":      # fail on bad flags now, not after hours of other runs
+        for setting in plan.settings:
+            runners.image_config(plan, setting)
+        runners.check_evaluation_args(plan)
+    else:
+        runners.load_runner(plan)
+    unknown = [s for s in args.only or [] if s not in plan.settings]
+    if unknown:
+        raise PlanError("--only", f"{unknown[0]!r} is not a setting of {plan.name}; known: {list(plan.settings)}")
+    out = Path(args.out)
+    selected = select(plan.runs(), args.only, args.shard)
+    records = load_records(plan, out)
+    if args.dry_run:
+        dry_run(args, plan, selected, records)
+        return None
+    if not args.aggregate_only:
+        for run in tqdm(pending(plan, selected, records), desc=plan.name, unit="run", disable=args.no_progress):
+            records[run] = execute(args, plan, run, stale=run in records)
+    current = [record for run, record in records.items() if not is_stale(plan, run, record)]
+    if not current:
+        print(f"{plan.name}: no finished runs yet; nothing to aggregate")
+        return None
+    summary_path = write_outputs(plan, current, out / plan.name, args.command, len(plan.runs()))
+    print(summary_path.with_name("report.md"))
+    return json.loads(summary_path.read_text())
+
+
+def main(argv=None) -> None:
+    try:
+        study(sys.argv[1:] if argv is None else argv)
+    except PlanError as error:
+        print(f"study: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except runners.RunFailed as error:   # finished runs keep their records: re-running continues
+        print(f"study: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

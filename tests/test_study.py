@@ -1,0 +1,320 @@
+"""evaluation.study: plan validation, dry-run cost, resume/skip, sharding, interval maths against scipy, the verdict
+rule, summary.json, and one tiny image plan end to end. Plans of kind "gmm" run this module's fake runner."""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from evaluation import study, study_runners
+from evaluation.study_plan import PlanError, load_plan, select
+from evaluation.study_stats import mean_interval, paired_difference, verdict
+
+CALLS = []
+
+
+def fake_runner(seed: int, progress: bool = False, gamma: float = 0.0, d: int = 2) -> dict:
+    """Entropy grows with gamma, w2 does not depend on it; seed noise is shared across settings (paired)."""
+    CALLS.append((seed, gamma))
+    noise = np.random.default_rng(seed).standard_normal(2)
+    return {"entropy": 1.0 + gamma + 0.01 * noise[0], "w2": 0.5 + 0.01 * noise[1]}
+
+
+def bad_runner(seed: int, progress: bool = False, **kwargs):
+    return [seed]
+
+
+def gmm_plan(**changes) -> dict:
+    plan = {"plan": "fake", "kind": "gmm", "runner": "test_study:fake_runner", "base": {"d": 2},
+            "settings": {"clean": {}, "cep-0.5": {"kwargs": {"gamma": 0.5}, "x": {"gamma": 0.5}, "series": "CEP-U"},
+                         "cep-1": {"kwargs": {"gamma": 1.0}, "x": {"gamma": 1.0}, "series": "CEP-U"}},
+            "baseline": "clean", "seeds": [0, 1, 2],
+            "claims": [{"claim": "CEP raises entropy", "metric": "entropy", "direction": "higher",
+                        "a": "cep-1", "b": "clean"}]}
+    return plan | changes
+
+
+def image_plan(**changes) -> dict:
+    plan = {"plan": "tiny", "kind": "image",
+            "base": {"preset": "dit-tiny-digits", "args": ["--set", "model.preset=DiT-micro/2", "--batch-size", "16",
+                                                           "--total-images", "32", "--set", "logging.num_samples=2",
+                                                           "--set", "logging.sample_steps=2"]},
+            "settings": {"clean": {}, "cep-u": {"args": ["--cep", "uniform", "--cep-gamma", "1.0"],
+                                                "x": {"gamma": 1.0}}},
+            "baseline": "clean", "seeds": [0],
+            "evaluation": {"sampler": "ddim", "steps": 2, "guidance": [1.0, 2.0], "num_samples": 20,
+                           "args": ["--classifier-steps", "100", "--kid-subsets", "5", "--kid-subset-size", "20",
+                                    "--is-splits", "2", "--batch-size", "20"]},
+            "claims": [{"claim": "CEP-U lowers FID at s=2", "metric": "fid@2.0", "direction": "lower",
+                        "a": "cep-u", "b": "clean"}]}
+    return plan | changes
+
+
+def write_plan(tmp_path, plan: dict):
+    path = tmp_path / f"{plan['plan']}.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def run_study(tmp_path, plan: dict, *flags) -> dict | None:
+    argv = [str(write_plan(tmp_path, plan)), "--out", str(tmp_path / "out"), "--runs-root", str(tmp_path / "runs"),
+            "--no-progress", *flags]
+    return study.study(argv)
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls():
+    CALLS.clear()
+
+
+#################################################################################
+#                                  Plans                                        #
+#################################################################################
+
+@pytest.mark.parametrize("change, field", [
+    ({"kind": "video"}, "kind"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"baseline": "nope"}, "baseline"),
+    ({"settings": {"clean": {}, "bad/name": {}}}, "settings.bad/name"),
+    ({"settings": {"clean": {"kwarg": {}}}}, "settings.clean.kwarg"),
+    ({"settings": {"clean": {"x": {"eta": "high"}}}}, "settings.clean.x"),
+    ({"claims": [{"claim": "c", "metric": "m", "direction": "down", "a": "clean", "b": "cep-1"}]},
+     "claims.0.direction"),
+    ({"claims": [{"claim": "c", "metric": "m", "direction": "lower", "a": "clean", "b": "nope"}]}, "claims.0.b"),
+    ({"evaluation": {}}, "evaluation"),
+    ({"extra": 1}, "extra"),
+])
+def test_bad_gmm_plans_name_the_field(tmp_path, change, field):
+    with pytest.raises(PlanError) as error:
+        load_plan(write_plan(tmp_path, gmm_plan(**change)))
+    assert error.value.field == field and str(error.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"settings": {"clean": {}, "cep-u": {}, "eta0.05": {"args": ["--corruption-ratio", "x"]}}},
+     "settings.eta0.05.args"),
+    ({"settings": {"clean": {"args": ["--seed", "3"]}, "cep-u": {}}}, "settings.clean.args"),
+    ({"base": {"preset": "no-such-preset"}}, "base.preset"),
+    ({"base": {"preset": "dit-tiny-digits", "nproc": 0}}, "base.nproc"),
+    ({"evaluation": {"sampler": "euler", "steps": 2, "guidance": [1.0], "num_samples": 20}}, "evaluation.sampler"),
+    ({"evaluation": {"sampler": "ddim", "steps": 2, "guidance": [1.0, 2.0], "num_samples": 20, "args": ["--bogus"]}},
+     "evaluation.args"),
+    ({"claims": [{"claim": "c", "metric": "fid@3.0", "direction": "lower", "a": "cep-u", "b": "clean"}]},
+     "claims.0.metric"),
+])
+def test_bad_image_plans_fail_before_running(tmp_path, capsys, change, field):
+    with pytest.raises(SystemExit) as exit_:
+        study.main([str(write_plan(tmp_path, image_plan(**change))), "--out", str(tmp_path / "out"), "--dry-run"])
+    assert exit_.value.code == 2
+    assert f"study: error: {field}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_cover_the_plan_disjointly_and_only_filters(tmp_path):
+    runs = load_plan(write_plan(tmp_path, gmm_plan(seeds=list(range(7))))).runs()
+    for count in (1, 2, 3, 5):
+        shards = [select(runs, shard=(i, count)) for i in range(count)]
+        assert sorted(map(str, sum(shards, []))) == sorted(map(str, runs))
+        assert sum(map(len, shards)) == len(runs)
+    assert {r.setting for r in select(runs, only=["cep-1"], shard=(1, 2))} == {"cep-1"}
+    assert select(runs, only=["cep-1"], shard=(1, 2)) == [r for r in select(runs, shard=(1, 2)) if r.setting == "cep-1"]
+
+
+#################################################################################
+#                               Statistics                                      #
+#################################################################################
+
+def test_mean_interval_matches_scipy():
+    values = np.random.default_rng(0).normal(3.0, 2.0, size=7)
+    mean, interval = mean_interval(values)
+    expected = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert mean == pytest.approx(values.mean()) and interval == pytest.approx(expected)
+    assert mean_interval([2.5]) == (2.5, None) and mean_interval([]) == (None, None)
+
+
+def test_paired_difference_matches_ttest_rel_on_shared_seeds():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=6), rng.normal(size=6)
+    by_seed_a = dict(enumerate(a)) | {9: 100.0}          # seed 9 has no partner: left out
+    by_seed_b = dict(enumerate(b)) | {3: None}           # seed 3 is missing in b: left out
+    paired = paired_difference(by_seed_a, by_seed_b)
+    keep = [0, 1, 2, 4, 5]
+    expected = stats.ttest_rel(a[keep], b[keep]).confidence_interval(0.95)
+    assert paired["seeds"] == keep
+    assert paired["difference"] == pytest.approx((a[keep] - b[keep]).mean())
+    assert paired["ci95"] == pytest.approx([expected.low, expected.high])
+
+
+@pytest.mark.parametrize("interval, direction, expected", [
+    ([-2.0, -0.5], "lower", "reproduced"), ([0.5, 2.0], "lower", "contradicted"), ([-1.0, 1.0], "lower", "inconclusive"),
+    ([0.5, 2.0], "higher", "reproduced"), ([-2.0, -0.5], "higher", "contradicted"), ([0.0, 1.0], "higher", "inconclusive"),
+    (None, "lower", "inconclusive"),
+])
+def test_verdict_rule(interval, direction, expected):
+    assert verdict(direction, interval) == expected
+
+
+def test_verdicts_on_constructed_runs(tmp_path):
+    """Entropy rises with gamma (reproduced when claimed higher, contradicted when claimed lower); w2 does not move
+    beyond seed noise (inconclusive); one pair only is inconclusive too."""
+    claims = [{"claim": "up", "metric": "entropy", "direction": "higher", "a": "cep-1", "b": "clean"},
+              {"claim": "down", "metric": "entropy", "direction": "lower", "a": "cep-1", "b": "clean"},
+              {"claim": "w2", "metric": "w2", "direction": "lower", "a": "cep-1", "b": "clean"}]
+    summary = run_study(tmp_path, gmm_plan(claims=claims, seeds=[0, 1, 2, 3]))
+    assert [c["verdict"] for c in summary["claims"]] == ["reproduced", "contradicted", "inconclusive"]
+    assert summary["claims"][0]["difference"] == pytest.approx(1.0)
+    one_pair = run_study(tmp_path, gmm_plan(plan="one", claims=claims[:1], seeds=[0]))
+    assert one_pair["claims"][0]["verdict"] == "inconclusive" and one_pair["claims"][0]["ci95"] is None
+
+
+def test_summary_json_schema(tmp_path):
+    summary = run_study(tmp_path, gmm_plan())
+    assert summary == json.loads((tmp_path / "out/fake/summary.json").read_text())
+    assert set(summary) == {"plan", "command", "machine", "wall_s", "settings", "claims"}
+    assert summary["plan"] == "fake" and summary["command"].startswith(f"python -m evaluation.study {tmp_path}")
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out/fake/runs").glob("*.json")]
+    assert summary["wall_s"] == pytest.approx(sum(r["wall_s"] for r in records))
+    assert [s["name"] for s in summary["settings"]] == ["clean", "cep-0.5", "cep-1"]
+    for setting in summary["settings"]:
+        assert set(setting) == {"name", "seeds", "metrics"} and setting["seeds"] == [0, 1, 2]
+        for entry in setting["metrics"].values():
+            assert set(entry) == {"mean", "ci95", "values"} and len(entry["values"]) == 3
+            assert entry["mean"] == pytest.approx(np.mean(entry["values"]))
+            assert entry["ci95"][0] < entry["mean"] < entry["ci95"][1]
+    for claim in summary["claims"]:
+        assert set(claim) == {"claim", "metric", "direction", "a", "b", "difference", "ci95", "verdict"}
+    report = (tmp_path / "out/fake/report.md").read_text()
+    assert "Verdict rule" in report and "**reproduced**" in report and "entropy_vs_gamma.png" in report
+    assert (tmp_path / "out/fake/entropy_vs_gamma.png").stat().st_size > 1000
+
+
+#################################################################################
+#                          Resume, skip, dry-run cost                           #
+#################################################################################
+
+def test_finished_runs_are_skipped_and_stale_ones_rerun(tmp_path):
+    run_study(tmp_path, gmm_plan())
+    assert len(CALLS) == 9
+    run_study(tmp_path, gmm_plan())
+    assert len(CALLS) == 9                               # a finished plan only re-aggregates
+    (tmp_path / "out/fake/runs/cep-1-seed2.json").unlink()
+    run_study(tmp_path, gmm_plan(), "--aggregate-only")
+    assert len(CALLS) == 9
+    summary = run_study(tmp_path, gmm_plan())
+    assert CALLS[9:] == [(2, 1.0)]
+    assert summary["settings"][2]["seeds"] == [0, 1, 2]
+    changed = gmm_plan()
+    changed["settings"]["cep-0.5"]["kwargs"]["gamma"] = 0.4   # its records no longer describe the setting
+    run_study(tmp_path, changed)
+    assert sorted(CALLS[10:]) == [(0, 0.4), (1, 0.4), (2, 0.4)]
+
+
+def test_shards_and_only_run_their_part(tmp_path):
+    run_study(tmp_path, gmm_plan(), "--shard", "1/2")
+    assert len(CALLS) == 4
+    run_study(tmp_path, gmm_plan(), "--only", "clean")
+    assert sorted(CALLS[4:]) == [(0, 0.0), (2, 0.0)]   # clean seed 1 was in shard 1/2 already
+
+
+def test_image_records_count_as_done_without_run_dirs(tmp_path, monkeypatch):
+    """Records made elsewhere (no run dir here) are done: nothing is trained, the report is written from them."""
+    plan = load_plan(write_plan(tmp_path, image_plan(seeds=[0, 1])))
+    for index, run in enumerate(plan.runs()):
+        record = {"setting": run.setting, "seed": run.seed, "spec": study.run_spec(plan, run),
+                  "metrics": {"fid@1.0": 10.0 + index, "fid@2.0": 9.0 - (run.setting == "cep-u") - 0.1 * run.seed},
+                  "wall_s": 100.0, "machine": "elsewhere", "commands": ["..."]}
+        study.write_json(tmp_path / "out/tiny/runs" / f"{run.name}.json", record)
+    monkeypatch.setattr(study_runners, "run_image", lambda *a: pytest.fail("a finished run was run again"))
+    summary = run_study(tmp_path, image_plan(seeds=[0, 1]))
+    assert not (tmp_path / "runs").exists() and summary["wall_s"] == 400.0 and summary["machine"] == "elsewhere"
+    assert summary["claims"][0]["difference"] == pytest.approx(-1.0)
+    assert (tmp_path / "out/tiny/fid_vs_guidance.png").is_file()
+
+
+def test_stale_image_run_drops_its_evaluation_samples_only(tmp_path, monkeypatch):
+    """A longer training makes the records stale: the run goes again, without the samples of the old weights."""
+    plan = load_plan(write_plan(tmp_path, image_plan()))
+    samples = tmp_path / "runs/tiny/clean/seed0/samples"
+    for folder in ("ddim-2-g1-eta0", "ddim-2-g2-eta0", "ddim-50-g1-eta0"):
+        (samples / folder).mkdir(parents=True)
+    (samples / "samples-000000032.png").touch()
+    for run in plan.runs():
+        study.write_json(tmp_path / "out/tiny/runs" / f"{run.name}.json",
+                         {"setting": run.setting, "seed": run.seed, "spec": study.run_spec(plan, run)})
+    fake = {"metrics": {"fid@2.0": 1.0}, "commands": [], "wall_s": 1.0}
+    ran = []
+    monkeypatch.setattr(study_runners, "run_image", lambda plan, run, directory: ran.append(run.name) or fake)
+    longer = image_plan()
+    longer["base"]["args"] += ["--total-images", "64"]
+    run_study(tmp_path, longer)
+    assert ran == ["clean-seed0", "cep-u-seed0"]
+    assert sorted(p.name for p in samples.iterdir()) == ["ddim-50-g1-eta0", "samples-000000032.png"]
+
+
+def test_dry_run_cost_from_gmm_records(tmp_path, capsys):
+    plan = load_plan(write_plan(tmp_path, gmm_plan()))
+    walls = {"clean": [2.0, 4.0], "cep-0.5": [10.0]}
+    for setting, values in walls.items():
+        for seed, wall in enumerate(values):
+            record = {"setting": setting, "seed": seed, "spec": study.run_spec(plan, study.Run(setting, seed)),
+                      "metrics": {}, "wall_s": wall}
+            study.write_json(tmp_path / "out/fake/runs" / f"{setting}-seed{seed}.json", record)
+    assert run_study(tmp_path, gmm_plan(), "--dry-run") is None and CALLS == []
+    out = capsys.readouterr().out
+    # to do: clean seed 2 at its setting's mean 3 s, cep-0.5 seeds 1-2 at 10 s, cep-1 x 3 at the overall mean 16/3 s
+    total = 3.0 + 2 * 10.0 + 3 * 16 / 3
+    assert "clean-seed0    done" in out and f"6 of 9 runs to do, estimated {total:.0f} s" in out
+    assert json.loads((tmp_path / "out/fake/dry_run.json").read_text())["estimated_s"] == pytest.approx(total)
+
+
+def test_dry_run_calibrates_gmm_with_one_unrecorded_run(tmp_path, capsys):
+    run_study(tmp_path, gmm_plan(), "--dry-run")
+    assert CALLS == [(0, 0.0)] and not (tmp_path / "out/fake/runs").exists()
+    assert "calibration: one timed run (clean-seed0" in capsys.readouterr().out
+
+
+def test_dry_run_cost_from_image_records(tmp_path, capsys):
+    plan = load_plan(write_plan(tmp_path, image_plan(seeds=[0, 1])))
+    record = {"setting": "clean", "seed": 0, "spec": study.run_spec(plan, study.Run("clean", 0)), "metrics": {},
+              "wall_s": 30.0, "images_per_second": 4.0, "total_images": 32, "train_s": 10.0, "evaluate_s": 20.0,
+              "evaluate_per_sample_s": 0.5, "num_samples": 20}
+    study.write_json(tmp_path / "out/tiny/runs/clean-seed0.json", record)
+    run_study(tmp_path, image_plan(seeds=[0, 1]), "--dry-run")
+    # start-up 10 - 32/4 = 2 s, training 32/4 = 8 s, evaluation fixed 20 - 0.5*20 = 10 s + 0.5 s x 20 images
+    assert "3 of 4 runs to do, estimated 90 s" in capsys.readouterr().out
+
+
+def test_failures_name_the_job_and_write_no_record(tmp_path):
+    with pytest.raises(TypeError, match="test_study:bad_runner must return dict"):
+        run_study(tmp_path, gmm_plan(runner="test_study:bad_runner"))
+    log = tmp_path / "job.log"
+    job = [sys.executable, "-c", "import sys; print('out of data'); sys.exit(3)"]
+    with pytest.raises(study_runners.RunFailed, match="(?s)failed with exit code 3.*out of data"):
+        study_runners.execute(job, {}, log)
+    assert not (tmp_path / "out/fake/runs").exists() and log.read_text().startswith("$ python -c")
+
+
+#################################################################################
+#                               Image plan, end to end                          #
+#################################################################################
+
+@pytest.mark.slow
+def test_tiny_image_plan_end_to_end(tmp_path):
+    """One micro DiT run (32 training images, CEP-U), evaluated with 20 samples at two scales, through the CLI."""
+    plan = image_plan(settings={"cep-u": image_plan()["settings"]["cep-u"]}, baseline="cep-u", claims=[])
+    plan["evaluation"]["args"] += ["--cache-dir", str(tmp_path / "cache")]
+    summary = run_study(tmp_path, plan)
+    record = json.loads((tmp_path / "out/tiny/runs/cep-u-seed0.json").read_text())
+    assert record["commands"][0].startswith("python -m training.train --preset dit-tiny-digits")
+    assert "--cep uniform" in record["commands"][0] and "--seed 0" in record["commands"][0]
+    assert record["commands"][1].startswith("python -m evaluation.evaluate --run-dir")
+    assert math.isfinite(record["metrics"]["fid@2.0"]) and 0 <= record["metrics"]["label_agreement@1.0"] <= 1
+    assert record["images_per_second"] > 0 and record["total_images"] == 32
+    assert record["wall_s"] == pytest.approx(record["train_s"] + record["evaluate_s"])
+    run_dir = tmp_path / "runs/tiny/cep-u/seed0"
+    assert (run_dir / "ema.safetensors").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert summary["settings"][0]["metrics"]["fid@1.0"]["values"] == [record["metrics"]["fid@1.0"]]
+    assert (tmp_path / "out/tiny/report.md").is_file()
