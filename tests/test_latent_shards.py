@@ -78,11 +78,17 @@ def test_vq_shards_from_tar_shards_keep_labels_and_captions(tmp_path, autoencode
         LatentSource.from_shards(shards, {"data": {"random_crop": False, "hflip": True}}, "cpu")
 
 
-def test_other_settings_or_broken_shards_are_refused(tmp_path, autoencoders):
+def test_other_settings_or_broken_shards_are_refused(tmp_path, autoencoders, capsys):
     encode_digits(tmp_path / "out", autoencoders["vq-f4-tiny"])
-    with pytest.raises(ValueError, match="--out .* other settings.*image_size"):
+    with pytest.raises(SystemExit) as exit_info:
         encode(["--dataset", "digits", "--autoencoder", str(autoencoders["vq-f4-tiny"]), "--out",
                 str(tmp_path / "out"), "--image-size", "8", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "encode_latents: error: --out: " in capsys.readouterr().err  # one line naming the flag
+    with pytest.raises(SystemExit):
+        encode(["--dataset", "digits", "--autoencoder", str(tmp_path), "--out", str(tmp_path / "x"),
+                "--image-size", "8"])
+    assert "error: --autoencoder: " in capsys.readouterr().err
     shard = shard_path(tmp_path / "out", 2)
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DatasetError, match="shard-00002.*truncated"):

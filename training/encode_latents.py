@@ -17,15 +17,16 @@ import torch
 from tqdm import tqdm
 
 from models.autoencoder import load_autoencoder
-from training import distributed
+from training import cli, distributed
 from training.checkpoint import write_json
 from training.latent_shards import MANIFEST, SPEC, map_shard, pack_captions, shard_path, write_shard
 from training.latents import autoencoder_file, encode_moments, to_model_range
 from training.sources import loader, open_images
 
 
-def parse_args(argv=None) -> tuple[dict, bool]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.encode_latents", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="image folder | tar shards (dir or glob) | digits | mnist | .npz")
     parser.add_argument("--data-path", default=None, help="folder holding mnist.npz / fashion_mnist.npz")
     parser.add_argument("--autoencoder", required=True, help="train_autoencoder run dir or autoencoder .pt")
@@ -37,6 +38,11 @@ def parse_args(argv=None) -> tuple[dict, bool]:
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
     parser.add_argument("--num-workers", type=int, default=4, help="decoding worker processes per rank")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return parser
+
+
+def parse_args(argv=None, parser=None) -> tuple[dict, bool]:
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     for flag in ("image_size", "shard_size", "batch_size"):
         if getattr(args, flag) < 1:
@@ -113,9 +119,9 @@ def encode_latents(args: dict, progress: bool = True) -> Path:
 
 
 def main(argv=None) -> None:
-    args, progress = parse_args(argv)
+    parser = build_parser()
     try:
-        encode_latents(args, progress)
+        cli.run(parser, lambda: encode_latents(*parse_args(argv, parser)))  # user errors: one line, exit status 2
     finally:
         distributed.shutdown()
 
