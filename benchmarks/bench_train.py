@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def loop_images_per_second(preset: str, images: int, processes: int, threads: int, repo: Path = REPO,
-                           precision: str = "fp32") -> tuple[float, list[float]]:
+                           precision: str = "fp32", flags: tuple = ()) -> tuple[float, list[float]]:
     """(median images/s over the status ticks of a real run, the loss per tick); the first tick (warm-up) is left
     out of the median. `repo` runs another checkout's training.train (e.g. before a change)."""
     with tempfile.TemporaryDirectory() as run_dir:
@@ -37,8 +37,8 @@ def loop_images_per_second(preset: str, images: int, processes: int, threads: in
         subprocess.run([*launcher, "-m", "training.train", "--preset", preset, "--run-dir", run_dir,
                         "--total-images", str(images), "--log-every-images", str(images // 8),
                         "--checkpoint-every-images", str(images), "--no-progress", "--set", "logging.num_samples=1",
-                        "--set", "logging.sample_steps=2", "--precision", precision], cwd=repo, env=env, check=True,
-                       capture_output=True)
+                        "--set", "logging.sample_steps=2", "--precision", precision, *flags], cwd=repo, env=env,
+                       check=True, capture_output=True)
         ticks = [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
     return statistics.median(t["images_per_second"] for t in ticks[1:]), [t["loss"] for t in ticks]
 

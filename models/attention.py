@@ -1,5 +1,7 @@
-"""Attention layers shared by DiT and the LDM U-Net."""
+"""Attention layers shared by DiT and the LDM U-Net, and their block runner (gradient checkpointing)."""
+import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -40,3 +42,11 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.num_heads)
         out = condition.attend(q, self.to_k.weight, self.to_v.weight)    # (N, H, T, Dh)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def run_block(block: nn.Module, *args, checkpointed: bool = False):
+    """block(*args), or with gradient checkpointing: activations recomputed in backward instead of stored
+    (RNG state preserved, so dropout and CEP noise are redrawn identically)."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.attention import CrossAttention, SelfAttention
+from models.attention import CrossAttention, SelfAttention, run_block
 from models.cep import CEP
 from models.conditioning import (ClassEmbedder, Condition, ControlEmbedder, semantic_condition,
                                  timestep_embedding)
@@ -139,6 +139,7 @@ class DiT(nn.Module):
         cross_dim = token_dim if cond_mode == "cross-attention" else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross_dim) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False  # set by training (--grad-checkpointing): recompute blocks in backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -199,7 +200,7 @@ class DiT(nn.Module):
                 raise ValueError("control given but the model has control_dim=0")
             c = c + self.control_embedder(control, t)                     # w(t) * control embedding
         for block in self.blocks:
-            h = block(h, c, condition)                                    # (N, T, D)
+            h = run_block(block, h, c, condition, checkpointed=self.gradient_checkpointing)  # (N, T, D)
         return self.unpatchify(self.final_layer(h, c))                   # (N, C_out, H, W)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.attention import CrossAttention, SelfAttention
+from models.attention import CrossAttention, SelfAttention, run_block
 from models.cep import CEP
 from models.conditioning import (ClassEmbedder, Condition, ControlEmbedder, semantic_condition,
                                  timestep_embedding)
@@ -219,6 +219,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(nn.Conv2d(model_channels, self.out_channels, 3, padding=1)))
         self.model_channels = model_channels
+        self.gradient_checkpointing = False  # set by training (--grad-checkpointing): recompute blocks in backward
         if self.control_embedder is not None:
             zero_module(self.control_embedder.mlp[-1])                  # control starts as a no-op
 
@@ -235,12 +236,13 @@ class UNetModel(nn.Module):
             emb = emb + self.control_embedder(control, t)               # w(t) * control embedding
         condition = semantic_condition(self.cep, self.label_embedder, y, context, context_mask, class_as_token=True)
         skips, h = [], x
+        checkpointed = self.gradient_checkpointing
         for block in self.input_blocks:
-            h = block(h, emb, condition)
+            h = run_block(block, h, emb, condition, checkpointed=checkpointed)
             skips.append(h)
-        h = self.middle_block(h, emb, condition)
+        h = run_block(self.middle_block, h, emb, condition, checkpointed=checkpointed)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, condition)
+            h = run_block(block, torch.cat([h, skips.pop()], dim=1), emb, condition, checkpointed=checkpointed)
         return self.out(h)                                               # (N, C_out, H, W)
 
 

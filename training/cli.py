@@ -10,7 +10,7 @@ USER_ERRORS = (ValueError, OSError, CheckpointError)
 
 # (flag, dotted config key, type, help) shared by every trainer; each flag overrides one config value.
 RUN_FLAGS = (
-    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz or image folder"),
+    ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz, image folder or tar shards"),
     ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
     ("--image-size", "data.image_size", int, "model resolution in pixels"),
     ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),

@@ -83,29 +83,54 @@ def random_flip(labels: torch.Tensor, eta: float, prior: torch.Tensor, generator
     return out
 
 
-def swap_captions(captions: list[str], eta: float, seed: int) -> tuple[list[str], torch.Tensor]:
-    """Swaps the captions of round(eta * N / 2) disjoint random pairs; returns (captions, sorted swapped indices)."""
+def swap_captions(captions, eta: float, seed: int) -> tuple[list[str], torch.Tensor]:
+    """Swaps the captions of round(eta * N / 2) disjoint random pairs; returns (captions, sorted swapped indices).
+    A list comes back as a list; a lazily read caption store (streamed shards) as a PermutedCaptions view."""
     eta = check_ratio(eta)
-    if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
-        raise TypeError("captions must be a list of str")
+    if isinstance(captions, (list, tuple)):
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError("captions must be a list of str")
+    elif not (hasattr(captions, "__getitem__") and hasattr(captions, "__len__")):
+        raise TypeError(f"captions must be a list of str or a caption store, got {type(captions).__name__}")
     pairs = round(eta * len(captions) / 2)
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:2 * pairs]
-    first, second = order[:pairs].tolist(), order[pairs:].tolist()
-    out = list(captions)
-    for i, j in zip(first, second):
-        out[i], out[j] = captions[j], captions[i]
-    return out, order.sort().values
+    sources = torch.arange(len(captions))
+    sources[order[:pairs]], sources[order[pairs:]] = order[pairs:], order[:pairs]
+    if isinstance(captions, (list, tuple)):
+        return [captions[j] for j in sources.tolist()], order.sort().values
+    return PermutedCaptions(captions, sources), order.sort().values
+
+
+class PermutedCaptions:
+    """captions[sources[i]] for item i, read lazily (a caption swap on data too large to hold in memory)."""
+
+    def __init__(self, captions, sources: torch.Tensor):
+        self.captions, self.sources = captions, sources
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> str:
+        return self.captions[int(self.sources[i])]
 
 
 def save_corruption(path: Path, kind: str, eta: float, clean_labels, corrupted_labels, corrupted_indices,
                     clean_captions=None, corrupted_captions=None) -> None:
-    """run_dir/corruption.npz: what evaluation needs to tell clean from corrupted samples."""
+    """run_dir/corruption.npz: what evaluation needs to tell clean from corrupted samples. Captions held lazily
+    (PermutedCaptions, streamed shards) are recorded by their permutation (caption_sources[k]: the item whose
+    caption corrupted_indices[k] gets), not as text."""
     arrays = dict(kind=np.array(kind), ratio=np.array(eta), corrupted_indices=np.asarray(corrupted_indices),
-                  clean_labels=np.asarray(clean_labels), corrupted_labels=np.asarray(corrupted_labels))
-    if clean_captions is not None:
+                  clean_labels=_labels_array(clean_labels), corrupted_labels=_labels_array(corrupted_labels))
+    if isinstance(corrupted_captions, PermutedCaptions):
+        arrays["caption_sources"] = corrupted_captions.sources[torch.as_tensor(corrupted_indices)].numpy()
+    elif isinstance(clean_captions, (list, tuple)):
         arrays.update(clean_captions=np.array(clean_captions, dtype=str),
                       corrupted_captions=np.array(corrupted_captions, dtype=str))
     path = Path(path)
     temporary = path.with_suffix(".tmp.npz")
     np.savez(temporary, **arrays)
     temporary.replace(path)
+
+
+def _labels_array(labels) -> np.ndarray:
+    return np.zeros(0, dtype=np.int64) if labels is None else np.asarray(labels)

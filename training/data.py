@@ -3,7 +3,6 @@ a sidecar `captions.json`) and scikit-learn's 8x8 digits (the embedded default),
 fixed storage size. Augmentation (random flip / crop) runs per batch and emits the control metadata of paper 2
 (crop top, crop left, original h, original w, flip). The data order is a seeded permutation per epoch over an
 infinite stream, indexed by images seen, so a resumed run reads exactly the same batches."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,42 +113,21 @@ def _load_npz(path: Path, split: str):
 
 
 def _load_image_folder(root: Path, store_size: int, channels: int) -> ImageDataset:
-    """root/<class name>/<image>; optional root/captions.json maps "<class>/<file>" to a caption."""
-    from PIL import Image
+    """root/<class name>/<image> (optional root/captions.json maps "<class>/<file>" to a caption) or tar shards,
+    decoded here, all at once, by the streamed source's own reader (training/sources.py)."""
+    from training.sources import StreamedImages, index_folder, is_streamed, open_stream
 
-    if not root.is_dir():
-        raise DatasetError(f"data set {root}: not a known data set name, an .npz file or an existing folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    files = [(f, label) for label, d in enumerate(class_dirs)
-             for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DatasetError(f"data set {root}: no images found in class sub-folders (expected root/<class>/*.png)")
-    captions = None
-    caption_file = root / "captions.json"
-    if caption_file.exists():
-        try:
-            caption_map = json.loads(caption_file.read_text())
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"data set {caption_file}: not valid JSON ({error})") from error
-        keys = [f"{f.parent.name}/{f.name}" for f, _ in files]
-        missing = [k for k in keys if k not in caption_map]
-        if not isinstance(caption_map, dict) or missing:
-            raise DatasetError(f"data set {caption_file}: must map every '<class>/<file>' to a caption; "
-                               f"missing e.g. {missing[:3]}")
-        captions = [str(caption_map[k]) for k in keys]
-    images, sizes = [], []
-    for f, _ in files:
-        try:
-            with Image.open(f) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-                sizes.append((image.height, image.width))
-                array = np.array(image, dtype=np.uint8).reshape(image.height, image.width, channels)
-        except OSError as error:
-            raise DatasetError(f"data set {f}: unreadable image ({error})") from error
-        images.append(fit_to_size(torch.from_numpy(array).permute(2, 0, 1)[None], store_size, "resize")[0])
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageDataset(torch.stack(images), torch.tensor(sizes, dtype=torch.int64),
-                        [d.name for d in class_dirs], labels, captions, name=str(root))
+    if is_streamed(str(root)):
+        index = open_stream(str(root))
+    elif root.is_dir():
+        index = index_folder(root)
+    else:
+        raise DatasetError(f"data set {root}: not a known data set name, an .npz file, an existing folder or tar "
+                           f"shards")
+    items = [StreamedImages(index, store_size, channels)[i] for i in range(len(index))]
+    captions = None if index.captions is None else [index.captions[i] for i in range(len(index))]
+    return ImageDataset(torch.stack([image for _, image, _ in items]), torch.stack([size for _, _, size in items]),
+                        index.class_names, index.labels, captions, name=str(root))
 
 
 def fit_to_size(images: torch.Tensor, size: int, mode: str = "resize") -> torch.Tensor:
@@ -203,11 +181,11 @@ def centre_offset(store_size: int, image_size: int) -> int:
     return (store_size - image_size) // 2
 
 
-def sampling_control(dataset: "ImageDataset", image_size: int) -> list[float]:
+def sampling_control(original_sizes: torch.Tensor, store_size: int, image_size: int) -> list[float]:
     """The in-distribution control vector sampling uses by default: the centre crop, the data set's most common
     original size, no flip (a size the model saw in training, unlike the model resolution)."""
-    sizes, counts = torch.unique(dataset.original_sizes, dim=0, return_counts=True)
-    offset = torch.full((1, 2), centre_offset(dataset.images.shape[-1], image_size))
+    sizes, counts = torch.unique(original_sizes, dim=0, return_counts=True)
+    offset = torch.full((1, 2), centre_offset(store_size, image_size))
     return control_metadata(offset, sizes[counts.argmax()][None], torch.zeros(1, dtype=torch.bool))[0].tolist()
 
 

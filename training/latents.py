@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from models.autoencoder import load_autoencoder
+from models.autoencoder import AutoencoderKL, load_autoencoder
 from training import distributed
 from training.checkpoint import atomic_write
 from training.data import ImageDataset, augment, centre_offset, control_metadata
@@ -35,10 +35,37 @@ class LatentSource:
     """Cached latents [N, C, h, w] (+ flipped copies) -> (x, control) batches; `decode` maps samples to pixels."""
 
     def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, original_sizes: torch.Tensor,
-                 crop_offset: int, autoencoder):
+                 crop_offset: int, autoencoder, std: torch.Tensor | None = None,
+                 flipped_std: torch.Tensor | None = None):
+        """`latents`, `flipped`, `std`: tensors or memory-mapped latent_shards.ShardedArray. With `std` (a KL
+        posterior's scaled std) each batch draws a fresh posterior sample, as LDM and DiT do when encoding on the
+        fly; without it the stored latent (VQ latent, KL mean) is used as is."""
         self.latents, self.flipped, self.original_sizes, self.crop_offset = latents, flipped, original_sizes, crop_offset
+        self.std, self.flipped_std = std, flipped_std
         self.autoencoder = autoencoder
         self.shape = tuple(latents.shape[1:])
+
+    @classmethod
+    def from_shards(cls, shards, config: dict, device) -> "LatentSource":
+        """Latents encoded by training.encode_latents (--latents DIR), read memory-mapped."""
+        from training.latent_shards import ShardedArray
+
+        data, spec = config["data"], shards.manifest
+        if data["random_crop"]:
+            raise ValueError("--random-crop is not supported with --latents (latents are encoded once)")
+        if data.get("image_size", spec["image_size"]) != spec["image_size"]:
+            raise ValueError(f"--image-size {data['image_size']} differs from the {spec['image_size']} px that "
+                             f"{shards.root} was encoded at")
+        if data["hflip"] and not shards.has("flipped"):
+            raise ValueError(f"--hflip needs flipped latents: encode {shards.root} with --hflip")
+        autoencoder, _ = load_autoencoder(autoencoder_file(spec["autoencoder"]), map_location=device)
+        sample = (config.get("latent") or {}).get("posterior", "mean") == "sample" and shards.has("latents_std")
+        arrays = {name: ShardedArray(shards, name) if shards.has(name) else None
+                  for name in ("latents", "flipped", "latents_std", "flipped_std")}
+        # encode_latents encodes at the storage size (no crop margin): the crop offset is 0.
+        return cls(arrays["latents"], arrays["flipped"] if data["hflip"] else None,
+                   ShardedArray(shards, "original_sizes"), 0, autoencoder,
+                   arrays["latents_std"] if sample else None, arrays["flipped_std"] if sample and data["hflip"] else None)
 
     @classmethod
     def build(cls, dataset: ImageDataset, config: dict, run_dir: Path | None, rank: int, device) -> "LatentSource":
@@ -62,10 +89,15 @@ class LatentSource:
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.latents[indices]
+        std = self.std[indices] if self.std is not None else None
         flips = torch.zeros(len(indices), dtype=torch.bool)
         if self.flipped is not None:
             flips = torch.rand(len(indices), generator=generator) < 0.5
             x = torch.where(flips[:, None, None, None], self.flipped[indices], x)
+            if std is not None:
+                std = torch.where(flips[:, None, None, None], self.flipped_std[indices], std)
+        if std is not None:
+            x = x + std * torch.randn(x.shape, generator=generator)
         offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
         return x, control_metadata(offsets, self.original_sizes[indices], flips)
 
@@ -82,9 +114,24 @@ def encode_dataset(autoencoder, dataset: ImageDataset, image_size: int, hflip: b
     for name, flip in orientations.items():
         chunks = []
         for start in range(0, len(dataset), ENCODE_BATCH):
-            images = dataset.images[start:start + ENCODE_BATCH]
-            x, _ = augment(images, dataset.original_sizes[start:start + ENCODE_BATCH], image_size, False, False,
-                           torch.Generator())
+            x = to_model_range(dataset.images[start:start + ENCODE_BATCH], image_size)
             chunks.append(autoencoder.encode((x.flip(-1) if flip else x).to(device)).float().cpu())
         out[name] = torch.cat(chunks)
     return out
+
+
+def to_model_range(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 [B, C, S, S] -> centre crop of image_size in [-1, 1] (what the autoencoder encodes)."""
+    sizes = torch.zeros(len(images), 2, dtype=torch.int64)
+    return augment(images, sizes, image_size, False, False, torch.Generator())[0]
+
+
+@torch.no_grad()
+def encode_moments(autoencoder, x: torch.Tensor, prefix: str = "latents") -> dict[str, torch.Tensor]:
+    """{prefix: scaled latent (VQ pre-quantisation output, KL posterior mean)} and for a KL autoencoder
+    {prefix + "_std": scaled posterior std}; encode(x) == out[prefix], encode(x, generator) == a draw from both."""
+    if isinstance(autoencoder, AutoencoderKL):
+        mean, logvar = autoencoder.moments(x)
+        scale = autoencoder.scale_factor
+        return {prefix: (mean * scale).float().cpu(), f"{prefix}_std": ((0.5 * logvar).exp() * scale).float().cpu()}
+    return {prefix: autoencoder.encode(x).float().cpu()}

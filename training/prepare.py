@@ -9,6 +9,8 @@ import torch
 from training.corruption import (CORRUPTION_KINDS, asymmetric_flip, check_ratio, class_prior, save_corruption,
                                  swap_captions, symmetric_flip)
 from training.data import ImageDataset, PixelSource, hash_seed, load_dataset, sampling_control, template_captions
+from training.sources import (StreamedImages, StreamedPixelSource, StreamIndex, header_sizes, is_streamed,
+                              open_stream)
 
 CONDITIONS = ("class", "text", "none")
 # A small from-scratch text encoder (models/text_encoder.py); paper 1's bert-base cannot be downloaded here.
@@ -25,11 +27,66 @@ class TrainingData:
     num_items: int
 
 
-def load_training_data(config: dict) -> ImageDataset:
+def load_training_data(config: dict):
+    """The data set's catalogue (labels, captions, class names): an in-memory ImageDataset, the index of streamed
+    images (tar shards; an image folder with data.stream) or memory-mapped latent shards (data.latents)."""
     data = config["data"]
-    margin = data["crop_margin"] if data["random_crop"] else 0
+    if data.get("latents"):
+        from training.latent_shards import LatentShards
+
+        return LatentShards(data["latents"])
+    if is_streamed(data["dataset"], data.get("stream", False)):
+        return open_stream(data["dataset"])
     return load_dataset(data["dataset"], data["path"], data["split"], data["image_size"], data["channels"],
-                        data["resize"], margin)
+                        data["resize"], store_margin(data))
+
+
+def store_margin(data: dict) -> int:
+    """Pixels stored beyond the model resolution, room for random crops."""
+    return data["crop_margin"] if data["random_crop"] else 0
+
+
+def latent_shape(config: dict, dataset, device) -> tuple[int, int, int] | None:
+    """(C, h, w) of the latents the model sees, None in pixel space."""
+    if config["data"].get("latents"):
+        return tuple(dataset.manifest["latent_shape"])
+    if not config.get("latent"):
+        return None
+    if isinstance(dataset, StreamIndex):
+        raise ValueError("--autoencoder encodes the whole data set in memory; for streamed data encode once with "
+                         "`python -m training.encode_latents --out DIR ...` and train with --latents DIR")
+    from training.latents import encoded_shape
+
+    return encoded_shape(config, dataset, device)
+
+
+def size_statistics(dataset, data: dict) -> tuple[torch.Tensor, int]:
+    """(original sizes, storage size) for the sampling control vector: all sizes in memory or in latent shards,
+    the headers of the first images of a streamed set."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.original_sizes, dataset.images.shape[-1]
+    if isinstance(dataset, StreamIndex):
+        return header_sizes(dataset), data["image_size"] + store_margin(data)
+    return dataset.gather("original_sizes", torch.arange(len(dataset))), data["image_size"]  # encoded uncropped
+
+
+def input_source(config: dict, dataset, run_dir: Path | None, rank: int, device):
+    """What turns data-set indices into model inputs: latents (memory-mapped shards, or encoded once here with an
+    autoencoder), streamed pixels decoded by worker processes, or in-memory pixels."""
+    data = config["data"]
+    if data.get("latents"):
+        from training.latents import LatentSource
+
+        return LatentSource.from_shards(dataset, config, device)
+    if config.get("latent"):
+        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
+
+        return LatentSource.build(dataset, config, run_dir, rank, device)
+    if isinstance(dataset, StreamIndex):
+        images = StreamedImages(dataset, data["image_size"] + store_margin(data), data["channels"], data["resize"])
+        return StreamedPixelSource(images, data["image_size"], data["hflip"], data["random_crop"],
+                                   data.get("num_workers", 0))
+    return PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
 
 
 def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int, int, int] | None) -> dict:
@@ -43,7 +100,7 @@ def complete_config(config: dict, dataset: ImageDataset, latent_shape: tuple[int
     model["image_size" if model.get("arch") == "unet" else "input_size"] = size
     model["num_classes"] = dataset.num_classes if data["condition"] == "class" else 0
     if model.get("control_dim", 0):
-        data["sample_control"] = sampling_control(dataset, data["image_size"])
+        data["sample_control"] = sampling_control(*size_statistics(dataset, data), data["image_size"])
     if data["condition"] == "text":
         config["text_encoder"] = {**TEXT_ENCODER_DEFAULTS, **(config.get("text_encoder") or {})}
         model["context_dim"] = config["text_encoder"]["width"]
@@ -114,20 +171,13 @@ def prepare(config: dict, run_dir: Path | None, rank: int, device, check_run_dir
     """(completed config, training data) for a run. `check_run_dir(config)` sees the completed config before anything
     is written to the run dir (the corruption record, cached latents), so a refused command leaves it untouched."""
     dataset = load_training_data(config)
+    if config["data"].get("latents"):  # samples decode with the autoencoder that encoded the shards
+        config["latent"] = {**(config.get("latent") or {}), "autoencoder": dataset.manifest["autoencoder"]}
     labels, captions, prior, corruption = corrupt_conditions(config, dataset)
-    latent_shape = None
-    if config.get("latent"):
-        from training.latents import LatentSource, encoded_shape  # the LDM path: encode once with a trained autoencoder
-
-        latent_shape = encoded_shape(config, dataset, device)
-    config = transfer_defaults(complete_config(config, dataset, latent_shape))
+    config = transfer_defaults(complete_config(config, dataset, latent_shape(config, dataset, device)))
     if check_run_dir is not None:
         check_run_dir(config)
     if rank == 0 and run_dir is not None:
         save_corruption(run_dir / "corruption.npz", *corruption)
-    data = config["data"]
-    if config.get("latent"):
-        source = LatentSource.build(dataset, config, run_dir, rank, device)
-    else:
-        source = PixelSource(dataset, data["image_size"], data["hflip"], data["random_crop"])
+    source = input_source(config, dataset, run_dir, rank, device)
     return config, TrainingData(source, labels, captions, prior, len(dataset))

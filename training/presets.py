@@ -20,7 +20,7 @@ DEFAULTS = {
     "diffusion": {"schedule": "linear", "num_steps": 1000, "resolution_shift": 1.0},
     "data": {"dataset": "digits", "path": None, "split": "train", "image_size": 8, "channels": 1,
              "resize": "resize", "hflip": False, "random_crop": False, "crop_margin": 0,
-             "condition": "class", "control": False},
+             "condition": "class", "control": False, "stream": False, "num_workers": 2, "latents": None},
     "latent": None,
     "text_encoder": None,
     # Paper 1's main setting; nothing is corrupted while the ratio is 0, so --corruption-ratio alone turns it on.
@@ -29,14 +29,14 @@ DEFAULTS = {
                  "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "ema_decay": 0.9999,
                  "ema_warmup": True, "precision": "fp32", "compile": False, "input_perturbation": 0.0,
                  "cond_dropout": 0.0, "label_smoothing": 0.0, "caption_dropout": 0.1,
-                 "max_nonfinite": 10},
+                 "max_nonfinite": 10, "tf32": True, "grad_checkpointing": False},
     "logging": {"log_every_images": 6_400, "checkpoint_every_images": 32_000, "sample_every_images": 0,
                 "keep_checkpoints": 3, "num_samples": 16, "sampler": "ddpm", "sample_steps": 100,
                 "sample_guidance": 1.0},
 }
 
 # Changing these between a run and its resume would silently mix two experiments; logging and length may change.
-RESUME_MUTABLE = ("logging", "training.total_images")
+RESUME_MUTABLE = ("logging", "training.total_images", "data.num_workers")
 
 
 def preset_names() -> list[str]:
@@ -70,7 +70,7 @@ def merge(base: dict, update: dict) -> dict:
 
 
 # Keys of the sections that are null by default.
-OPEN_SECTIONS = {"latent": {"autoencoder": ""},
+OPEN_SECTIONS = {"latent": {"autoencoder": "", "posterior": "mean"},
                  "text_encoder": {"vocab_size": 0, "max_length": 0, "width": 0, "depth": 0, "num_heads": 0,
                                   "padding": ""}}
 

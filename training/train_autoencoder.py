@@ -20,22 +20,26 @@ from tqdm import tqdm
 from models.autoencoder import AUTOENCODER_PRESETS, build_autoencoder, save_autoencoder
 from training import cli, distributed
 from training.checkpoint import atomic_write
-from training.data import DataOrder, augment, hash_seed, load_dataset
+from training.data import DataOrder, augment, hash_seed
 from training.presets import config_keys
 from training.run import Run, Tick
+from training.sources import loader, open_images, step_indices
 from training.stats import RunLogger, crossed, save_image_grid
 
 SCALE_FIT_IMAGES = 1024
 DEFAULTS = {
     "seed": 0,
     "autoencoder": {},
-    "data": {"dataset": "digits", "path": None, "image_size": 8, "resize": "resize", "hflip": False},
+    "data": {"dataset": "digits", "path": None, "image_size": 8, "resize": "resize", "hflip": False, "stream": False,
+             "num_workers": 2},
     "training": {"batch_size": 64, "total_images": 64_000, "lr": 4.5e-6 * 64, "grad_clip": 1.0},
     "logging": {"log_every_images": 16_000, "checkpoint_every_images": 16_000, "keep_checkpoints": 2},
 }
 FLAGS = (
     ("--resize", "data.resize", str, "resize | pad (fit images to --image-size)"),
     ("--hflip", "data.hflip", bool, "random horizontal flips"),
+    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream)"),
+    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
     ("--lr", "training.lr", float, "Adam learning rate (LDM: 4.5e-6 x batch)"),
     *cli.RUN_FLAGS,
 )
@@ -69,6 +73,9 @@ def check_config(config: dict, world_size: int) -> None:
                         ("--checkpoint-every-images", logging["checkpoint_every_images"])):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    workers = config["data"]["num_workers"]
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"--num-workers must be an integer >= 0, got {workers!r}")
     if training["batch_size"] % world_size:
         raise ValueError(f"--batch-size {training['batch_size']} must be divisible by processes ({world_size})")
     if not isinstance(training["lr"], (int, float)) or not 0 < training["lr"] < math.inf:
@@ -92,8 +99,8 @@ def train_autoencoder(config: dict, run_dir: Path, progress: bool = True) -> dic
     run = Run(run_dir, config["logging"]["keep_checkpoints"])
     training, data, logging = config["training"], config["data"], config["logging"]
     run.record_config(config)
-    dataset = load_dataset(data["dataset"], data["path"], "train", data["image_size"], data["channels"],
-                           data["resize"])
+    images, _ = open_images(data["dataset"], data["path"], "train", data["image_size"], data["channels"],
+                            data["resize"], data["stream"])
     model = run.build(lambda: build_autoencoder(config["autoencoder"]), config["seed"])
     optimizer = torch.optim.Adam(model.parameters(), lr=training["lr"], betas=(0.5, 0.9))  # LDM's first stage
     images_seen = 0
@@ -103,17 +110,18 @@ def train_autoencoder(config: dict, run_dir: Path, progress: bool = True) -> dic
         optimizer.load_state_dict(state["optimizer"])
         images_seen = state["images_seen"]
     loss_module = run.wrap(AutoencoderLoss(model))
-    order = DataOrder(len(dataset), hash_seed(config["seed"], 0xDA7A))
-    micro_batch = training["batch_size"] // run.world_size
+    order = DataOrder(len(images), hash_seed(config["seed"], 0xDA7A))
+    batches = iter(loader(images, step_indices(order, images_seen, training["total_images"], training["batch_size"],
+                                               run.world_size, run.rank, 1), data["num_workers"]))
     bar = tqdm(total=training["total_images"], initial=images_seen, unit="img", disable=run.rank != 0 or not progress)
     tick, record = Tick(run.device), {}
     while images_seen < training["total_images"]:
         started = time.perf_counter()
         step_seed = run.step_seed(config["seed"], images_seen)
         torch.manual_seed(step_seed)  # the KL posterior sample draws from the global RNG
-        indices = order.indices(images_seen + run.rank * micro_batch, micro_batch)
-        x, _ = augment(dataset.images[indices], dataset.original_sizes[indices], data["image_size"], data["hflip"],
-                       False, torch.Generator().manual_seed(step_seed))
+        _, pixels, sizes = next(batches)  # decoded by the workers for streamed images
+        x, _ = augment(pixels, sizes, data["image_size"], data["hflip"], False,
+                       torch.Generator().manual_seed(step_seed))
         loss, parts = loss_module(x.to(run.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), training["grad_clip"] or math.inf)
@@ -139,18 +147,17 @@ def train_autoencoder(config: dict, run_dir: Path, progress: bool = True) -> dic
             distributed.barrier()
     bar.close()
     if run.rank == 0:
-        finish(model, dataset, config, run.run_dir, run.device, run.logger)
+        finish(model, images, config, run.run_dir, run.device, run.logger)
     distributed.barrier()
     return record
 
 
 @torch.no_grad()
-def finish(model, dataset, config, run_dir: Path, device, logger: RunLogger) -> None:
+def finish(model, images, config, run_dir: Path, device, logger: RunLogger) -> None:
     """Fits the latent scale factor, writes autoencoder.pt and a reconstruction grid (top: input, bottom: output)."""
     model.eval()
-    count = min(SCALE_FIT_IMAGES, len(dataset))
-    x, _ = augment(dataset.images[:count], dataset.original_sizes[:count], config["data"]["image_size"], False,
-                   False, torch.Generator())
+    _, pixels, sizes = next(iter(loader(images, [list(range(min(SCALE_FIT_IMAGES, len(images))))], 0)))
+    x, _ = augment(pixels, sizes, config["data"]["image_size"], False, False, torch.Generator())
     scale = model.fit_scale_factor(x.to(device))
     atomic_write(run_dir / "autoencoder.pt", lambda temporary: save_autoencoder(model, config["autoencoder"], temporary))
     reconstruction = model.decode(model.encode(x[:8].to(device))).cpu()
