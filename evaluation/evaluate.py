@@ -25,7 +25,7 @@ from evaluation.features import (DEFAULT_CACHE_DIR, ScriptedExtractor, TextTower
 from evaluation.sample import Sampler, generate, load_samples, read_prompts
 from models.diffusion import SAMPLERS
 from training import cli, distributed
-from training.data import DatasetError, load_dataset
+from training.data import DatasetError, centre_offset, load_dataset
 
 LIBRARIES = ("torch", "torchmetrics", "numpy", "scipy", "scikit-learn")
 
@@ -41,10 +41,19 @@ def to_hwc(images: torch.Tensor) -> np.ndarray:
 
 def load_reference(config: dict) -> dict:
     """The run's data set without augmentation: train split (memorisation, the classifier) and the test split as
-    FID reference when the data set has one (else the train split, e.g. sklearn digits)."""
+    FID reference when the data set has one (else the train split, e.g. sklearn digits). Runs trained on random
+    crops get the centre crop of the same stored size, the view sampling asks for (data.sample_control)."""
     data = config["data"]
-    load = lambda split: load_dataset(data["dataset"], data.get("path"), split, data["image_size"], data["channels"],
-                                      data.get("resize", "resize"))
+    size = data["image_size"]
+    margin = data.get("crop_margin", 0) if data.get("random_crop") else 0
+    offset = centre_offset(size + margin, size)
+
+    def load(split):
+        dataset = load_dataset(data["dataset"], data.get("path"), split, size, data["channels"],
+                               data.get("resize", "resize"), margin)
+        dataset.images = dataset.images[..., offset:offset + size, offset:offset + size]
+        return dataset
+
     train = load("train")
     try:
         test, reference_split = load("test"), "test"
@@ -100,8 +109,10 @@ def vq_latents(model, mode: str, samples: dict) -> torch.Tensor:
 #                                 One scale                                      #
 #################################################################################
 
-def score(samples: dict, fake: dict, real: dict, train: dict, args, prompts_embedding=None, vq=None) -> dict:
-    """Every metric that the available features support, as a flat dict of floats. vq = (latents, codebook)."""
+def score(samples: dict, fake: dict, real: dict, train: dict, reference_images: np.ndarray, args,
+          prompts_embedding=None, vq=None) -> dict:
+    """Every metric that the available features support, as a flat dict of floats. vq = (latents, codebook);
+    reference_images (uint8 [N, H, W, C]) anchor the centre-of-mass offset."""
     out = {"fid": metrics.frechet_distance(real["pool"], fake["pool"])}
     if "spatial" in fake and "spatial" in real:
         out["sfid"] = metrics.frechet_distance(real["spatial"], fake["spatial"])
@@ -121,6 +132,7 @@ def score(samples: dict, fake: dict, real: dict, train: dict, args, prompts_embe
             out["label_agreement"] = metrics.label_agreement(fake["logits"], labels)
     out["memorization_ratio"] = metrics.memorization_ratio(fake["pool"], train["pool"], args.memorization_threshold)
     out["top5_l2"] = metrics.mean_topk_distance(fake["pool"], train["pool"], k=5)
+    out.update(metrics.com_offset(samples["images"], reference_images))
     if vq is not None:
         out["vq_entropy"] = metrics.vq_sample_entropy(*vq, args.entropy_temperature)
     if prompts_embedding is not None:
@@ -169,7 +181,7 @@ def evaluate(args) -> list[dict]:
         prompts_embedding = None
         if text_tower is not None and prompts is not None:
             prompts_embedding = text_tower([prompts[s % len(prompts)] for s in seeds])
-        values = score(samples, fake, real, train, args, prompts_embedding, vq)
+        values = score(samples, fake, real, train, reference["reference_images"], args, prompts_embedding, vq)
         metric_seconds = time.perf_counter() - start
         record = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

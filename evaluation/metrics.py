@@ -270,6 +270,30 @@ def mean_topk_distance(fake: torch.Tensor, train: torch.Tensor, k: int = 5, norm
     return float(knn_distances(fake, train, k).mean())
 
 
+def centre_of_mass(images) -> torch.Tensor:
+    """Intensity-weighted centre of mass (row, column) in pixels of images [N, H, W, C] (uint8 or float >= 0);
+    an all-zero image counts as centred."""
+    images = torch.as_tensor(images)
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images: expected [N, H, W, C] with N >= 1, got {tuple(images.shape)}")
+    mass = images.double().sum(-1)                                              # [N, H, W]
+    height, width = mass.shape[1:]
+    total = mass.sum((1, 2))
+    rows = (mass.sum(2) * torch.arange(height, dtype=torch.float64)).sum(1)
+    cols = (mass.sum(1) * torch.arange(width, dtype=torch.float64)).sum(1)
+    centre = torch.tensor([(height - 1) / 2, (width - 1) / 2], dtype=torch.float64)
+    com = torch.stack([rows, cols], 1) / total.clamp_min(1e-12)[:, None]
+    return torch.where(total[:, None] > 0, com, centre)
+
+
+def com_offset(fake_images, reference_images) -> dict:
+    """How far generated samples sit from where the data sits: mean centre of mass of `fake_images` minus that of
+    `reference_images`, in pixels (row, column and Euclidean norm). Paper 2's ablation (b) asks how much a requested
+    crop leaks into what is generated; samples asked for the training centre crop should show no offset."""
+    offset = centre_of_mass(fake_images).mean(0) - centre_of_mass(reference_images).mean(0)
+    return {"com_offset": float(offset.norm()), "com_offset_row": float(offset[0]), "com_offset_col": float(offset[1])}
+
+
 def vq_sample_entropy(latents: torch.Tensor, codebook: torch.Tensor, temperature: float = 1.0,
                       chunk: int = 64) -> float:
     """Sample entropy over a VQ codebook, paper 1 Eq. 41 (read as intended): for every latent vector x_ij,

@@ -135,10 +135,14 @@ def control_weight(t: torch.Tensor, num_timesteps: int, alpha: float) -> torch.T
 
 
 class ControlEmbedder(nn.Module):
-    """Control metadata Float[B, K] (crop top, crop left, original h, original w, flip) -> noise-weighted vector."""
+    """Control metadata Float[B, K] (crop top, crop left, original h, original w, flip) -> noise-weighted vector.
+
+    noise_weighted=False is paper 2's baseline for ablation (b): the embedding added plainly (w(t) = 1), as SDXL's
+    micro-conditioning adds it to the class/time embedding.
+    """
 
     def __init__(self, num_controls: int, hidden_size: int, frequency_size: int = 64, alpha: float = 1.0,
-                 num_timesteps: int = 1000):
+                 num_timesteps: int = 1000, noise_weighted: bool = True):
         super().__init__()
         if not isinstance(num_controls, int) or num_controls < 1:
             raise ValueError(f"control_dim must be an int >= 1, got {num_controls!r}")
@@ -147,7 +151,7 @@ class ControlEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(num_controls * frequency_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
         self.num_controls, self.frequency_size = num_controls, frequency_size
-        self.alpha, self.num_timesteps = alpha, num_timesteps
+        self.alpha, self.num_timesteps, self.noise_weighted = alpha, num_timesteps, noise_weighted
 
     def forward(self, control: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(control, torch.Tensor) or control.shape != (t.shape[0], self.num_controls):
@@ -155,4 +159,6 @@ class ControlEmbedder(nn.Module):
                              f"got {getattr(control, 'shape', control)!r}")
         features = fourier_features(control, self.frequency_size).to(self.mlp[0].weight.dtype)
         embedding = self.mlp(features)                                                 # [B, D]
+        if not self.noise_weighted:
+            return embedding
         return control_weight(t, self.num_timesteps, self.alpha).to(embedding.dtype)[:, None] * embedding

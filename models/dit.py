@@ -103,6 +103,7 @@ class DiT(nn.Module):
                  cep_mode="none", cep_gamma=0.0, cep_dim=None,
                  control_dim=0,           # K control scalars on the noise-weighted adaLN path (0 = off)
                  control_alpha=1.0,       # shape of the cosine control weight w(t)
+                 control_noise_weighted=True,  # False: control embedding added plainly (paper 2 ablation baseline)
                  num_timesteps=1000,
                  pos_embed_base_size=None):  # pre-training input size to rescale positions to (None = no rescaling)
         super().__init__()
@@ -131,7 +132,8 @@ class DiT(nn.Module):
         self.y_embedder = ClassEmbedder(num_classes, token_dim, class_dropout_prob) if num_classes else None
         self.cep = CEP(cep_mode, cep_gamma, cep_dim)
         self.control_embedder = ControlEmbedder(control_dim, hidden_size, alpha=control_alpha,
-                                                num_timesteps=num_timesteps) if control_dim else None
+                                                num_timesteps=num_timesteps,
+                                                noise_weighted=control_noise_weighted) if control_dim else None
         base_grid = None if pos_embed_base_size is None else pos_embed_base_size / patch_size
         # Fixed sin-cos embedding, recomputed from the config (not stored in checkpoints).
         self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, self.grid_size, base_grid)[None],
@@ -198,7 +200,7 @@ class DiT(nn.Module):
         if control is not None:
             if self.control_embedder is None:
                 raise ValueError("control given but the model has control_dim=0")
-            c = c + self.control_embedder(control, t)                     # w(t) * control embedding
+            c = c + self.control_embedder(control, t)                     # w(t) * control embedding (or w = 1)
         for block in self.blocks:
             h = run_block(block, h, c, condition, checkpointed=self.gradient_checkpointing)  # (N, T, D)
         return self.unpatchify(self.final_layer(h, c))                   # (N, C_out, H, W)

@@ -152,7 +152,7 @@ class UNetModel(nn.Module):
                  dropout=0.0, channel_mult=(1, 2, 3, 5), num_heads=1, num_head_channels=-1, transformer_depth=1,
                  context_dim=512, num_classes=1000, class_dropout_prob=0.1,
                  cep_mode="none", cep_gamma=0.0, cep_dim=None,
-                 control_dim=0, control_alpha=1.0, num_timesteps=1000):
+                 control_dim=0, control_alpha=1.0, control_noise_weighted=True, num_timesteps=1000):
         super().__init__()
         for name, value in (("image_size", image_size), ("in_channels", in_channels),
                             ("num_res_blocks", num_res_blocks), ("context_dim", context_dim),
@@ -186,7 +186,8 @@ class UNetModel(nn.Module):
         self.label_embedder = ClassEmbedder(num_classes, context_dim, class_dropout_prob) if num_classes else None
         self.cep = CEP(cep_mode, cep_gamma, cep_dim)
         self.control_embedder = ControlEmbedder(control_dim, time_embed_dim, alpha=control_alpha,
-                                                num_timesteps=num_timesteps) if control_dim else None
+                                                num_timesteps=num_timesteps,
+                                                noise_weighted=control_noise_weighted) if control_dim else None
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(in_channels, model_channels, 3,
                                                                               padding=1)])])

@@ -47,7 +47,7 @@ def test_metrics_jsonl_holds_every_setting(evaluated):
     for record in lines:
         values = record["metrics"]
         for key in ("fid", "sfid", "is", "kid", "precision", "recall", "rmd_top", "memorization_ratio",
-                    "top5_l2", "vq_entropy", "label_agreement"):
+                    "top5_l2", "vq_entropy", "label_agreement", "com_offset"):
             assert math.isfinite(values[key]), key
         assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1 and values["fid"] > 0
         assert 0 < values["vq_entropy"] <= math.log(16) + 1e-9

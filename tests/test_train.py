@@ -190,6 +190,10 @@ def test_resolution_transfer_from_a_lower_resolution_run(tmp_path):
     # same parameter shapes at both resolutions: DiT's positional table is recomputed, not stored
     assert {k: v.shape for k, v in low_state["model"].items()} == {k: v.shape for k, v in high_state["model"].items()}
     assert "initialised from the EMA weights" in (high / "log.txt").read_text()
+    extrapolated = tmp_path / "extrapolated"   # paper 2's other arm: positions 0..G-1 on the new grid
+    main([*TINY, "--run-dir", str(extrapolated), "--total-images", "16", "--image-size", "16", "--init-from", str(low),
+          "--set", "model.pos_embed_base_size=null"])
+    assert json.loads((extrapolated / "config.json").read_text())["model"]["pos_embed_base_size"] is None
 
 
 def test_set_overrides(tmp_path):

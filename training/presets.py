@@ -28,7 +28,7 @@ DEFAULTS = {
     "training": {"batch_size": 64, "grad_accum": 1, "total_images": 64_000, "lr": 1e-4, "warmup_images": 0,
                  "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "grad_clip": 1.0, "ema_decay": 0.9999,
                  "ema_warmup": True, "precision": "fp32", "compile": False, "input_perturbation": 0.0,
-                 "cond_dropout": 0.0, "label_smoothing": 0.0, "caption_dropout": 0.1,
+                 "cond_dropout": 0.0, "label_smoothing": 0.0, "cep_fixed_fraction": 0.0, "caption_dropout": 0.1,
                  "max_nonfinite": 10, "tf32": True, "grad_checkpointing": False},
     "logging": {"log_every_images": 6_400, "checkpoint_every_images": 32_000, "sample_every_images": 0,
                 "keep_checkpoints": 3, "num_samples": 16, "sampler": "ddpm", "sample_steps": 100,

@@ -32,7 +32,7 @@ from training.ema import EMA
 from training.loading import LoadedRun
 from training.prepare import prepare
 from training.presets import build_diffusion, load_preset, run_config_keys
-from training.regularizers import attach_embedding_regularizers
+from training.regularizers import FixedCEP, attach_embedding_regularizers
 from training.run import Run, Tick
 from training.sources import step_indices
 from training.stats import RunLogger, crossed, save_image_grid
@@ -50,6 +50,8 @@ FLAGS = (
     ("--corruption-classes", "corruption.classes", "ints", "class subset for asymmetric flips, e.g. 1,3,5"),
     ("--cep", "model.cep_mode", str, "CEP noise: none | uniform | gaussian"),
     ("--cep-gamma", "model.cep_gamma", float, "CEP scale gamma (paper: 1.0)"),
+    ("--cep-fixed-fraction", "training.cep_fixed_fraction", float,
+     "fixed CEP (Table 7): this fraction of items keeps one CEP draw for all of training (0 = per-step CEP)"),
     ("--class-dropout", "model.class_dropout_prob", float, "CFG label dropout probability"),
     ("--input-perturbation", "training.input_perturbation", float, "IP baseline gamma_IP (0 = off)"),
     ("--cond-dropout", "training.cond_dropout", float, "dropout on the class embedding (baseline)"),
@@ -121,6 +123,11 @@ def check_config(config: dict, world_size: int) -> None:
     gamma = config["model"].get("cep_gamma", 0.0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
         raise ValueError(f"--cep-gamma must be a finite number >= 0, got {gamma!r}")
+    fixed = training["cep_fixed_fraction"]
+    if isinstance(fixed, bool) or not isinstance(fixed, (int, float)) or not 0 <= fixed <= 1:
+        raise ValueError(f"--cep-fixed-fraction must be a number in [0, 1], got {fixed!r}")
+    if fixed > 0 and (config["model"].get("cep_mode", "none") == "none" or gamma == 0):
+        raise ValueError("--cep-fixed-fraction needs --cep uniform|gaussian and --cep-gamma > 0 (the fixed draw's law)")
     if training["lr"] <= 0:
         raise ValueError(f"--lr must be > 0, got {training['lr']!r}")
     if not isinstance(training["ema_decay"], (int, float)) or not 0 <= training["ema_decay"] < 1:
@@ -184,7 +191,11 @@ def save_samples(ema_model, config, path, device) -> None:
 
 
 def build_net(config: dict) -> torch.nn.Module:
-    net = build_model(config["model"])
+    """The trained module. With fixed CEP the model's per-step CEP is off: FixedCEP adds the noise instead."""
+    model_config = config["model"]
+    if config["training"]["cep_fixed_fraction"] > 0:
+        model_config = {**model_config, "cep_mode": "none"}
+    net = build_model(model_config)
     if config["data"]["condition"] == "text":
         net = TextConditionedDenoiser(net, TextEncoder(**config["text_encoder"]))
     return net
@@ -207,6 +218,12 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
         if hasattr(module, "gradient_checkpointing"):
             module.gradient_checkpointing = training["grad_checkpointing"]
     attach_embedding_regularizers(net, training["cond_dropout"], training["label_smoothing"])
+    fixed_cep = None
+    if training["cep_fixed_fraction"] > 0:
+        model_config = config["model"]
+        fixed_cep = FixedCEP(data.num_items, training["cep_fixed_fraction"], model_config["cep_gamma"],
+                             model_config["cep_mode"], config["seed"], model_config.get("cep_dim"))
+        fixed_cep.attach(net)
     ema = EMA(net, training["ema_decay"], training["ema_warmup"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=training["lr"], betas=tuple(training["adam_betas"]),
                                   weight_decay=training["weight_decay"])
@@ -253,10 +270,12 @@ def train(config: dict, run_dir: Path, progress: bool = True) -> dict:
             step_seed = run.step_seed(config["seed"], images_seen, accum_round)
             torch.manual_seed(step_seed)  # label dropout, CEP seeds and baselines draw from the global RNG
             generator = torch.Generator(device).manual_seed(hash_seed(step_seed, 1))
-            x0, kwargs = model_inputs(data, config, order.indices(start, micro_batch), generator, device)
+            indices = order.indices(start, micro_batch)
+            x0, kwargs = model_inputs(data, config, indices, generator, device)
             last_round = accum_round == training["grad_accum"] - 1
             sync = contextlib.nullcontext() if last_round or world_size == 1 else net_no_sync(model)
-            with sync, torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+            fixed = fixed_cep.batch(indices) if fixed_cep else contextlib.nullcontext()
+            with sync, fixed, torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                       enabled=autocast_dtype is not None):
                 loss = diffusion.training_losses(model, x0, kwargs, input_perturbation=training["input_perturbation"],
                                                  generator=generator).mean()
