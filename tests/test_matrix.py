@@ -2,7 +2,6 @@
 and build the report; a subset also under `torchrun --nproc_per_node=2` (see test_two_processes). Kept fast with
 micro models, 32-image runs and a 3-step sampler; the autoencoders are trained once per module."""
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +11,7 @@ from evaluation import report
 from evaluation.evaluate import evaluate, parser as evaluate_parser
 from evaluation.sample import Sampler
 from models.diffusion import SAMPLERS
-from test_train import ENV, REPO, TINY, single_thread  # noqa: F401 (autouse fixture)
+from test_train import ENV, REPO, TINY, run_ok, single_thread  # noqa: F401 (autouse fixture)
 from training.train import main
 from training.train_autoencoder import main as main_autoencoder
 
@@ -80,16 +79,14 @@ def test_two_processes(workspace, family, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     flags = [*TINY, *family_flags(family, workspace), "--run-dir", str(run_dir), "--checkpoint-every-images", "16"]
     for total in ("16", "32"):
-        subprocess.run([*torchrun, "-m", "training.train", *flags, "--total-images", total], cwd=REPO, env=ENV,
-                       check=True, capture_output=True, timeout=600)
+        run_ok([*torchrun, "-m", "training.train", *flags, "--total-images", total])
     assert "resumed from" in (run_dir / "log.txt").read_text()
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["world_size"] == 2 and stats[-1]["images_seen"] == 32
-    subprocess.run([*torchrun, "-m", "evaluation.evaluate", "--run-dir", str(run_dir), "--num-samples", "8",
-                    "--steps", "3", "--sampler", "dpm++2m", "--guidance", "1.5", "--cache-dir",
-                    str(workspace / "cache"), "--classifier-steps", "20", "--kid-subsets", "2", "--kid-subset-size",
-                    "4", "--is-splits", "2", "--no-progress"], cwd=REPO, env=ENV, check=True, capture_output=True,
-                   timeout=600)
+    run_ok([*torchrun, "-m", "evaluation.evaluate", "--run-dir", str(run_dir), "--num-samples", "8", "--steps", "3",
+            "--sampler", "dpm++2m", "--guidance", "1.5", "--cache-dir", str(workspace / "cache"),
+            "--classifier-steps", "20", "--kid-subsets", "2", "--kid-subset-size", "4", "--is-splits", "2",
+            "--no-progress"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["world_size"] == 2 and np.isfinite(records[-1]["metrics"]["fid"])
 
@@ -97,10 +94,8 @@ def test_two_processes(workspace, family, tmp_path):
 def test_autoencoder_under_two_processes(tmp_path):
     """train_autoencoder's loss goes through DDP; the replicas are checked bit-identical at every checkpoint."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run([*torchrun, "-m", "training.train_autoencoder", "--preset", "kl-f4-tiny", "--image-size", "8",
-                    "--batch-size", "16", "--total-images", "32", "--log-every-images", "16",
-                    "--checkpoint-every-images", "16", "--set",
-                    "autoencoder.ch=8", "--no-progress", "--run-dir", str(tmp_path)], cwd=REPO, env=ENV, check=True,
-                   capture_output=True, timeout=600)
+    run_ok([*torchrun, "-m", "training.train_autoencoder", "--preset", "kl-f4-tiny", "--image-size", "8",
+            "--batch-size", "16", "--total-images", "32", "--log-every-images", "16", "--checkpoint-every-images", "16",
+            "--set", "autoencoder.ch=8", "--no-progress", "--run-dir", str(tmp_path)])
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [s["images_seen"] for s in stats] == [16, 32] and (tmp_path / "autoencoder.pt").is_file()

@@ -40,6 +40,13 @@ def run_cli(*args, check=True):
                           capture_output=True, text=True, timeout=600)
 
 
+def run_ok(command: list[str]) -> subprocess.CompletedProcess:
+    """Runs a CLI in the repo; a failure shows the command and the tail of its stderr (not just the exit code)."""
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+    return result
+
+
 def weights(run_dir) -> dict:
     state = load_checkpoint(latest_checkpoint(run_dir))
     return {"model": state["model"], "ema": state["ema"], "optimizer": state["optimizer"]["state"],
