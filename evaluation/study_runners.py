@@ -141,8 +141,9 @@ def run_image(plan: Plan, run: Run, run_dir: Path) -> dict:
     evaluate_s = execute(evaluate, evaluate_env, log)
     evaluations = newest_evaluations(plan, run_dir, plan.evaluation["num_samples"])
     config = json.loads((run_dir / "config.json").read_text())
-    return {"metrics": {f"{name}@{scale}": float(value) for scale, record in evaluations.items()
-                        for name, value in record["metrics"].items() if is_number(value)},
+    metrics = {f"{name}@{scale}": float(value) for scale, record in evaluations.items()
+               for name, value in record["metrics"].items() if is_number(value)}
+    return {"metrics": metrics | cep_strength(run_dir),
             "commands": [shown(train, train_env), shown(evaluate, evaluate_env)], "wall_s": train_s + evaluate_s,
             "train_s": train_s, "evaluate_s": evaluate_s, "evaluate_per_sample_s": per_sample_seconds(evaluations),
             "images_per_second": images_per_second(run_dir), "total_images": config["training"]["total_images"],
@@ -178,14 +179,24 @@ def per_sample_seconds(evaluations: dict) -> float:
                for r in evaluations.values())
 
 
+def training_stats(run_dir: Path) -> list[dict]:
+    """The status ticks of a run's stats.jsonl (empty before its first tick)."""
+    path = Path(run_dir) / "stats.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def images_per_second(run_dir: Path) -> float | None:
     """Median training images/s over the status ticks of stats.jsonl (the first tick, with warm-up, dropped)."""
-    path = Path(run_dir) / "stats.jsonl"
-    if not path.is_file():
-        return None
-    rates = [json.loads(line)["images_per_second"] for line in path.read_text().splitlines() if line.strip()]
+    rates = [tick["images_per_second"] for tick in training_stats(run_dir)]
     rates = rates[1:] if len(rates) > 1 else rates
     return statistics.median(rates) if rates else None
+
+
+def cep_strength(run_dir: Path) -> dict:
+    """CEP's relative strength |delta| / |c(y)| at the first and last status tick: the network can grow the embedding
+    CEP perturbs, so a fixed gamma weakens over training (issue 10). Empty for runs without CEP."""
+    ratios = [tick["cep_noise_ratio"] for tick in training_stats(run_dir) if "cep_noise_ratio" in tick]
+    return {"cep_noise_ratio_first": ratios[0], "cep_noise_ratio_last": ratios[-1]} if ratios else {}
 
 
 def calibrate_image(plan: Plan, progress: bool) -> dict:

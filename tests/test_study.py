@@ -313,6 +313,8 @@ def test_tiny_image_plan_end_to_end(tmp_path):
     assert record["commands"][1].startswith("python -m evaluation.evaluate --run-dir")
     assert math.isfinite(record["metrics"]["fid@2.0"]) and 0 <= record["metrics"]["label_agreement@1.0"] <= 1
     assert record["images_per_second"] > 0 and record["total_images"] == 32
+    ticks = [json.loads(line) for line in (tmp_path / "runs/tiny/cep-u/seed0/stats.jsonl").read_text().splitlines()]
+    assert record["metrics"]["cep_noise_ratio_last"] == ticks[-1]["cep_noise_ratio"] > 0   # CEP's relative strength
     assert record["wall_s"] == pytest.approx(record["train_s"] + record["evaluate_s"])
     run_dir = tmp_path / "runs/tiny/cep-u/seed0"
     assert (run_dir / "ema.safetensors").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
