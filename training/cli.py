@@ -13,6 +13,8 @@ RUN_FLAGS = (
     ("--dataset", "data.dataset", str, "digits | mnist | fashion-mnist | path to .npz, image folder or tar shards"),
     ("--data-path", "data.path", str, "folder holding mnist.npz / fashion_mnist.npz"),
     ("--image-size", "data.image_size", int, "model resolution in pixels"),
+    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream): workers decode on the fly"),
+    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
     ("--batch-size", "training.batch_size", int, "global batch size (all processes and accumulation rounds)"),
     ("--total-images", "training.total_images", int, "training length in images"),
     ("--grad-clip", "training.grad_clip", float, "max gradient norm (0 = off)"),

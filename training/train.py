@@ -66,8 +66,6 @@ FLAGS = (
     ("--tf32", "training.tf32", bool, "TF32 matmuls and convolutions on CUDA (default on; no effect on CPU)"),
     ("--grad-checkpointing", "training.grad_checkpointing", bool,
      "recompute DiT / U-Net blocks in backward instead of storing activations (less memory, ~30% more compute)"),
-    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream): workers decode on the fly"),
-    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
     ("--latents", "data.latents", str, "latent shards of training.encode_latents: train on them (memory-mapped)"),
     ("--max-nonfinite", "training.max_nonfinite", int, "abort after this many non-finite losses in a row"),
     ("--sample-every-images", "logging.sample_every_images", int, "EMA sample grid interval (0 = only at the end)"),

@@ -38,8 +38,6 @@ DEFAULTS = {
 FLAGS = (
     ("--resize", "data.resize", str, "resize | pad (fit images to --image-size)"),
     ("--hflip", "data.hflip", bool, "random horizontal flips"),
-    ("--stream", "data.stream", bool, "stream an image folder (tar shards always stream)"),
-    ("--num-workers", "data.num_workers", int, "decoding worker processes per rank for streamed images"),
     ("--lr", "training.lr", float, "Adam learning rate (LDM: 4.5e-6 x batch)"),
     *cli.RUN_FLAGS,
 )
