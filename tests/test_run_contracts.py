@@ -121,3 +121,14 @@ def test_cep_noise_ratio_is_logged(tmp_path):
     expected = float((1 / 3**0.5) / table[:10].norm(dim=1).mean())   # |c(y)| ~ the class rows' norm
     assert len(stats) == 2 and all(0.5 * expected < s["cep_noise_ratio"] < 2 * expected for s in stats)
 
+
+
+@pytest.mark.parametrize("module", ["training.train", "training.train_autoencoder", "training.encode_latents",
+                                    "evaluation.evaluate", "evaluation.report", "evaluation.study",
+                                    "gmm_theory.verify"])
+def test_every_command_prints_its_help(module):
+    """--help of every documented command renders (argparse formats help strings with %: a stray % crashed it)."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: ")

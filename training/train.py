@@ -65,7 +65,7 @@ FLAGS = (
     ("--compile", "training.compile", bool, "torch.compile the model"),
     ("--tf32", "training.tf32", bool, "TF32 matmuls and convolutions on CUDA (default on; no effect on CPU)"),
     ("--grad-checkpointing", "training.grad_checkpointing", bool,
-     "recompute DiT / U-Net blocks in backward instead of storing activations (less memory, ~30% more compute)"),
+     "recompute DiT / U-Net blocks in backward instead of storing activations (less memory, about a third more compute)"),
     ("--latents", "data.latents", str, "latent shards of training.encode_latents: train on them (memory-mapped)"),
     ("--max-nonfinite", "training.max_nonfinite", int, "abort after this many non-finite losses in a row"),
     ("--sample-every-images", "logging.sample_every_images", int, "EMA sample grid interval (0 = only at the end)"),
