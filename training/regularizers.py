@@ -15,6 +15,14 @@ from models.conditioning import ClassEmbedder
 from training.data import hash_seed
 
 
+
+def class_embedders(model: nn.Module, option: str) -> list[ClassEmbedder]:
+    """The model's class embedders, which the embedding regularizers hook; an error naming the option if none."""
+    embedders = [m for m in model.modules() if isinstance(m, ClassEmbedder)]
+    if not embedders:
+        raise ValueError(f"{option}: needs a class-conditional model (no ClassEmbedder found)")
+    return embedders
+
 def attach_embedding_regularizers(model: nn.Module, dropout: float = 0.0, label_smoothing: float = 0.0) -> int:
     """Hooks every ClassEmbedder of `model`; returns how many were hooked (0 when both options are off)."""
     for name, value in (("cond_dropout", dropout), ("label_smoothing", label_smoothing)):
@@ -22,9 +30,7 @@ def attach_embedding_regularizers(model: nn.Module, dropout: float = 0.0, label_
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if dropout == 0 and label_smoothing == 0:
         return 0
-    embedders = [m for m in model.modules() if isinstance(m, ClassEmbedder)]
-    if not embedders:
-        raise ValueError("cond_dropout/label_smoothing need a class-conditional model (no ClassEmbedder found)")
+    embedders = class_embedders(model, "cond_dropout/label_smoothing")
 
     def regularize(module: ClassEmbedder, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
@@ -82,9 +88,7 @@ class FixedCEP:
         return perturb(torch.zeros(width), self.gamma, self.mode, self.key, index * width, self.dim or width)
 
     def attach(self, model: nn.Module) -> None:
-        embedders = [m for m in model.modules() if isinstance(m, ClassEmbedder)]
-        if not embedders:
-            raise ValueError("cep_fixed_fraction needs a class-conditional model (no ClassEmbedder found)")
+        embedders = class_embedders(model, "cep_fixed_fraction")
 
         def add_fixed_noise(module: ClassEmbedder, inputs, output: torch.Tensor) -> torch.Tensor:
             if not module.training:
