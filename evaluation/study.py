@@ -37,12 +37,19 @@ REPO = Path(__file__).resolve().parents[1]
 #################################################################################
 
 def run_spec(plan: Plan, run: Run) -> dict:
-    """What defines a run's numbers; a record made under another definition is stale. (base.nproc is left out: it
-    is a resource choice.)"""
+    """What defines a run's numbers; a record made under another definition is stale. (nproc is left out: it is a
+    resource choice.)"""
     if plan.kind == "gmm":
         return {"runner": plan.runner, "kwargs": runners.gmm_kwargs(plan, run.setting)}
-    return {"train": runners.train_args(plan, run.setting), "evaluation": runners.evaluation_args(
+    spec = {"train": runners.train_args(plan, run.setting), "evaluation": runners.evaluation_args(
         plan, plan.evaluation["num_samples"])}
+    if names := plan.prerequisites_of(run.setting):   # a changed prerequisite makes the runs that use it stale
+        spec["prerequisites"] = {name: prerequisite_spec(plan, name) for name in names}
+    return spec
+
+
+def prerequisite_spec(plan: Plan, name: str) -> dict:
+    return {key: plan.prerequisites[name][key] for key in ("module", "args")}
 
 
 def record_path(out: Path, plan: Plan, run: Run) -> Path:
@@ -89,6 +96,37 @@ def run_dir(args, plan: Plan, run: Run) -> Path:
     return Path(args.runs_root) / plan.name / run.setting / f"seed{run.seed}"
 
 
+def prerequisite_dirs(args, plan: Plan) -> dict:
+    """name -> run dir; "_" keeps them apart from the setting folders (setting names start with a letter or digit)."""
+    return {name: Path(args.runs_root) / plan.name / "_prerequisites" / name for name in plan.prerequisites}
+
+
+def prerequisite_record_path(out: Path, plan: Plan, name: str) -> Path:
+    return out / plan.name / "prerequisites" / f"{name}.json"
+
+
+def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
+    """Makes (or resumes, or finds finished) the prerequisites the runs to do name, once per invocation, and records
+    each: the record keeps its final training stats (e.g. an autoencoder's reconstruction error) for the report. Run
+    dirs do not travel between machines but records do, so a prerequisite is re-made on each machine; a re-made one
+    whose final stats differ from the record's (a nondeterministic re-make) is reported, not hidden."""
+    for name in dict.fromkeys(name for run in todo for name in plan.prerequisites_of(run.setting)):
+        if name in made:
+            continue
+        path = prerequisite_record_path(Path(args.out), plan, name)
+        previous = json.loads(path.read_text()) if path.is_file() else None
+        print(f"{plan.name}: prerequisite {name}", file=sys.stderr)
+        record = {"plan": plan.name, "name": name, "spec": prerequisite_spec(plan, name),
+                  **runners.make_prerequisite(plan, name, prerequisite_dirs(args, plan)[name]),
+                  "machine": machine(), "git_commit": git_commit(), "finished": now()}
+        if previous and previous.get("spec") == record["spec"] and previous["final_stats"] != record["final_stats"]:
+            print(f"study: warning: prerequisite {name} was re-made with final stats {record['final_stats']}, not "
+                  f"the recorded {previous['final_stats']}", file=sys.stderr)
+            record["previous_final_stats"] = previous["final_stats"]
+        write_json(path, record)
+        made.add(name)
+
+
 def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
     """Runs one (setting, seed) and writes its record atomically."""
     started = now()
@@ -98,7 +136,7 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
         directory = run_dir(args, plan, run)
         if stale:  # evaluate reuses existing samples: drop those of an older definition of the run
             runners.drop_evaluation_samples(plan, directory)
-        fields = runners.run_image(plan, run, directory)
+        fields = runners.run_image(plan, run, directory, prerequisite_dirs(args, plan))
     record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),
               "started": started, "finished": now()}
@@ -133,7 +171,11 @@ def estimate_image(args, plan: Plan, todo: list[Run], done: list[dict]) -> tuple
     source = (f"{len(done)} finished runs of this plan" if done else
               "training images/s in existing run dirs' stats.jsonl; start-up and evaluation not included")
     if model is None:
-        model = runners.calibrate_image(plan, not args.no_progress)
+        missing = [name for name in plan.prerequisites_of(plan.baseline)
+                   if not (prerequisite_dirs(args, plan)[name] / "stats.jsonl").is_file()]
+        if missing:
+            return {run: None for run in todo}, f"none: calibrating needs prerequisite {missing[0]} made first"
+        model = runners.calibrate_image(plan, not args.no_progress, prerequisite_dirs(args, plan))
         source = "calibration: 8 training steps of the baseline setting and a 20-image evaluation, measured now"
     source += (f" ({model['images_per_second']:.0f} training images/s, {model['train_overhead_s']:.0f} s start-up, "
                f"evaluation {model['evaluate_fixed_s']:.0f} s + {model['evaluate_per_sample_s'] * 1000:.1f} s "
@@ -159,11 +201,16 @@ def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
     else:
         seconds, source = estimate_image(args, plan, todo, done)
     width = max((len(run.name) for run in selected), default=0)
+    for name in dict.fromkeys(name for run in todo for name in plan.prerequisites_of(run.setting)):
+        path = prerequisite_record_path(Path(args.out), plan, name)
+        recorded = f"{json.loads(path.read_text())['wall_s']:.0f} s recorded" if path.is_file() else "never made"
+        print(f"prerequisite {name}: made (or resumed) before the runs that name it ({recorded}; not in the total)")
     for run in selected:
         status = ("stale" if run in records else "to do") if run in seconds else "done"
-        cost = f"~{seconds[run]:8.1f} s" if run in seconds else f"({records[run]['wall_s']:.1f} s recorded)"
+        cost = (f"({records[run]['wall_s']:.1f} s recorded)" if run not in seconds else
+                "~? s" if seconds[run] is None else f"~{seconds[run]:8.1f} s")
         print(f"{run.name:<{width}}  {status:<6} {cost}")
-    total = sum(seconds.values())
+    total = sum(value or 0.0 for value in seconds.values())
     print(f"{len(todo)} of {len(selected)} runs to do, estimated {total:.0f} s ({total / 3600:.2f} h) on this "
           f"machine; estimate from {source}")
     summary = {"time": now(), "runs": len(selected), "todo": len(todo), "estimated_s": total, "source": source,
@@ -232,7 +279,9 @@ def study(argv: list[str]) -> dict | None:
         dry_run(args, plan, selected, records)
         return None
     if not args.aggregate_only:
-        for run in tqdm(pending(plan, selected, records), desc=plan.name, unit="run", disable=args.no_progress):
+        todo, made = pending(plan, selected, records), set()
+        for run in tqdm(todo, desc=plan.name, unit="run", disable=args.no_progress):
+            make_prerequisites(args, plan, [run], made)
             records[run] = execute(args, plan, run, stale=run in records)
     current = [record for run, record in records.items() if not is_stale(plan, run, record)]
     if not current:

@@ -2,7 +2,7 @@
 that name the field, and the deterministic list of (setting, seed) runs that --only and --shard split."""
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.diffusion import SAMPLERS
@@ -12,11 +12,14 @@ DIRECTIONS = ("lower", "higher")
 DEFAULT_RUNNERS = {"gmm": "gmm_theory.bridge:run"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")    # plan and setting names become file names
 PLAN_KEYS = {"plan", "kind", "description", "base", "settings", "baseline", "seeds", "evaluation", "claims",
-             "plot_metrics", "runner"}
+             "plot_metrics", "runner", "prerequisites"}
 SETTING_KEYS = {"image": {"args", "x", "series", "baseline", "description"},
                 "gmm": {"kwargs", "x", "series", "baseline", "description"}}
 RESERVED_FLAGS = ("--preset", "--run-dir", "--seed", "--no-progress")  # the harness sets these per run
 EVALUATION_FLAGS = ("--run-dir", "--num-samples", "--guidance", "--sampler", "--steps", "--no-progress")
+PREREQUISITE_MODULES = ("training.train", "training.train_autoencoder")
+PREREQUISITE_FLAGS = ("--run-dir", "--no-progress")
+REFERENCE = re.compile(r"\{([^{}]*)\}")    # "{name}" in a training flag = the run dir of prerequisite `name`
 
 
 class PlanError(ValueError):
@@ -52,6 +55,7 @@ class Plan:
     evaluation: dict | None = None
     plot_metrics: list | None = None
     description: str = ""
+    prerequisites: dict = field(default_factory=dict)
 
     def runs(self) -> list[Run]:
         """Every (setting, seed), settings in plan order, then seeds: the order shards and tables use."""
@@ -59,6 +63,12 @@ class Plan:
 
     def baseline_of(self, setting: str) -> str:
         return self.settings[setting].get("baseline", self.baseline)
+
+    def prerequisites_of(self, setting: str) -> list[str]:
+        """The prerequisites a setting's training flags name, in plan order."""
+        args = self.base.get("args", []) + self.settings[setting].get("args", [])
+        named = {name for arg in args for name in REFERENCE.findall(arg)}
+        return [name for name in self.prerequisites if name in named]
 
 
 def load_plan(path) -> Plan:
@@ -101,8 +111,15 @@ def validate(data: dict) -> None:
     if kind == "image":
         validate_image_base(data["base"])
         validate_evaluation(data.get("evaluation"))
+        validate_prerequisites(data.setdefault("prerequisites", {}))
+        for where, args in [("base.args", data["base"]["args"])] + [
+                (f"settings.{name}.args", setting.get("args", [])) for name, setting in data["settings"].items()]:
+            for reference in {name for arg in args for name in REFERENCE.findall(arg)}:
+                expect(reference in data["prerequisites"], where,
+                       f"{{{reference}}} names no prerequisite; known: {sorted(data['prerequisites'])}")
     else:
         expect("evaluation" not in data, "evaluation", "only image plans have one (a gmm runner measures itself)")
+        expect("prerequisites" not in data, "prerequisites", "only image plans have them")
     guidance = data["evaluation"]["guidance"] if kind == "image" else None
     claims = data.setdefault("claims", [])
     expect(isinstance(claims, list), "claims", "must be a list")
@@ -137,6 +154,21 @@ def validate_image_base(base: dict) -> None:
     check_args("base.args", base.setdefault("args", []), RESERVED_FLAGS)
     nproc = base.setdefault("nproc", 1)
     expect(is_int(nproc) and nproc >= 1, "base.nproc", f"must be an integer >= 1, got {nproc!r}")
+
+
+def validate_prerequisites(prerequisites) -> None:
+    """name -> {module, args, nproc}: runs made once per machine before the plan's runs that name them."""
+    expect(isinstance(prerequisites, dict), "prerequisites", "must be an object: name -> {module, args, nproc}")
+    for name, prerequisite in prerequisites.items():
+        field_ = f"prerequisites.{name}"
+        expect(NAME.match(name), field_, "a prerequisite name must be letters, digits, '.', '_', '+', '-'")
+        expect(isinstance(prerequisite, dict), field_, "must be an object")
+        known_fields(f"{field_}.", prerequisite, {"module", "args", "nproc", "description"})
+        expect(prerequisite.get("module") in PREREQUISITE_MODULES, f"{field_}.module",
+               f"must be one of {PREREQUISITE_MODULES}, got {prerequisite.get('module')!r}")
+        check_args(f"{field_}.args", prerequisite.setdefault("args", []), PREREQUISITE_FLAGS)
+        nproc = prerequisite.setdefault("nproc", 1)
+        expect(is_int(nproc) and nproc >= 1, f"{field_}.nproc", f"must be an integer >= 1, got {nproc!r}")
 
 
 def validate_evaluation(evaluation) -> None:

@@ -106,6 +106,7 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
         rows = [name for name in settings if plan.baseline_of(name) != name]
         lines += grid(rows, metrics, lambda name, metric: with_interval(differences[name, metric]["difference"],
                                                                          differences[name, metric]["ci95"]))
+    lines += prerequisites_section(plan, out_dir)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Commands", "", "One run per setting (the other seeds differ only in the seed):", ""]
@@ -115,6 +116,23 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
             lines += [f"- {name}, seed {first['seed']}, {first['wall_s']:.1f} s:"] + [
                 f"  `{command}`" for command in first["commands"]]
     return "\n".join(lines) + "\n"
+
+
+def prerequisites_section(plan, out_dir: Path) -> list[str]:
+    """Each prerequisite's command, wall time and final training stats (e.g. an autoencoder's reconstruction)."""
+    lines = []
+    for name in plan.prerequisites:
+        path = out_dir / "prerequisites" / f"{name}.json"
+        if not path.is_file():
+            lines.append(f"- {name}: not made yet")
+            continue
+        record = json.loads(path.read_text())
+        stats = ", ".join(f"{key} {number(value)}" for key, value in (record["final_stats"] or {}).items())
+        lines += [f"- {name} ({record['wall_s']:.0f} s, {record['machine']}): `{record['command']}`",
+                  f"  - final training stats: {stats or 'none logged'}"]
+        if "previous_final_stats" in record:
+            lines.append(f"  - re-made with different final stats than before: {record['previous_final_stats']}")
+    return ["## Prerequisites", "", *lines, ""] if lines else []
 
 
 def dry_run_line(out_dir: Path) -> str:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluation.study_plan import Plan, PlanError, Run, is_number
+from evaluation.study_plan import REFERENCE, Plan, PlanError, Run, is_number
 
 
 class RunFailed(RuntimeError):
@@ -98,11 +98,17 @@ def evaluation_args(plan: Plan, num_samples: int) -> list[str]:
             "--no-progress"]
 
 
-def image_commands(plan: Plan, run: Run, run_dir: Path, total_images: int | None = None,
+def resolve(args: list[str], prerequisite_dirs: dict) -> list[str]:
+    """Training flags with every "{name}" replaced by the run dir of prerequisite `name`."""
+    return [REFERENCE.sub(lambda match: str(prerequisite_dirs[match.group(1)]), arg) for arg in args]
+
+
+def image_commands(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict, total_images: int | None = None,
                    num_samples: int | None = None) -> list[tuple[list[str], dict]]:
     """[(argv, env)] of the training and the evaluation job; the two overrides serve the calibration."""
     nproc = plan.base["nproc"]
-    train = [*train_args(plan, run.setting), "--run-dir", str(run_dir), "--seed", str(run.seed), "--no-progress"]
+    train = [*resolve(train_args(plan, run.setting), prerequisite_dirs), "--run-dir", str(run_dir),
+             "--seed", str(run.seed), "--no-progress"]
     if total_images is not None:
         train += ["--total-images", str(total_images), "--log-every-images", str(total_images // 4)]
     prefix, env = launcher(nproc, "training.train")
@@ -133,9 +139,24 @@ def execute(argv: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_image(plan: Plan, run: Run, run_dir: Path) -> dict:
+def prerequisite_command(plan: Plan, name: str, run_dir: Path) -> tuple[list[str], dict]:
+    prerequisite = plan.prerequisites[name]
+    prefix, env = launcher(prerequisite["nproc"], prerequisite["module"])
+    return prefix + [*prerequisite["args"], "--run-dir", str(run_dir), "--no-progress"], env
+
+
+def make_prerequisite(plan: Plan, name: str, run_dir: Path) -> dict:
+    """Train (or resume; a finished one costs a start-up) one prerequisite; its record fields."""
+    argv, env = prerequisite_command(plan, name, run_dir)
+    wall = execute(argv, env, run_dir / "study.log")
+    stats = training_stats(run_dir)
+    return {"command": shown(argv, env), "wall_s": wall, "final_stats": stats[-1] if stats else None,
+            "run_dir": str(run_dir)}
+
+
+def run_image(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict) -> dict:
     """Train (or resume: an already finished run costs a start-up) and evaluate one run; its record fields."""
-    (train, train_env), (evaluate, evaluate_env) = image_commands(plan, run, run_dir)
+    (train, train_env), (evaluate, evaluate_env) = image_commands(plan, run, run_dir, prerequisite_dirs)
     log = run_dir / "study.log"
     train_s = execute(train, train_env, log)
     evaluate_s = execute(evaluate, evaluate_env, log)
@@ -199,14 +220,14 @@ def cep_strength(run_dir: Path) -> dict:
     return {"cep_noise_ratio_first": ratios[0], "cep_noise_ratio_last": ratios[-1]} if ratios else {}
 
 
-def calibrate_image(plan: Plan, progress: bool) -> dict:
+def calibrate_image(plan: Plan, progress: bool, prerequisite_dirs: dict) -> dict:
     """Eight training steps of the baseline setting and a 20-image evaluation in a temporary run dir, measured:
     the cost model of image_seconds."""
     config = image_config(plan, plan.baseline)
     images, samples = 8 * config["training"]["batch_size"], 20
     with tempfile.TemporaryDirectory(prefix="study-calibration-") as folder:
         run_dir = Path(folder) / "run"
-        commands = image_commands(plan, Run(plan.baseline, plan.seeds[0]), run_dir, images, samples)
+        commands = image_commands(plan, Run(plan.baseline, plan.seeds[0]), run_dir, prerequisite_dirs, images, samples)
         (train, train_env), (evaluate, evaluate_env) = commands
         if progress:
             print(f"calibrating: {shown(train, train_env)}", file=sys.stderr)

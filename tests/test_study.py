@@ -104,6 +104,9 @@ def test_bad_gmm_plans_name_the_field(tmp_path, change, field):
      "evaluation.args"),
     ({"claims": [{"claim": "c", "metric": "fid@3.0", "direction": "lower", "a": "cep-u", "b": "clean"}]},
      "claims.0.metric"),
+    ({"settings": {"clean": {}, "cep-u": {"args": ["--init-from", "{pre}"]}}}, "settings.cep-u.args"),
+    ({"prerequisites": {"pre": {"module": "os"}}}, "prerequisites.pre.module"),
+    ({"prerequisites": {"pre": {"module": "training.train", "args": ["--run-dir", "x"]}}}, "prerequisites.pre.args"),
 ])
 def test_bad_image_plans_fail_before_running(tmp_path, capsys, change, field):
     with pytest.raises(SystemExit) as exit_:
@@ -246,12 +249,52 @@ def test_stale_image_run_drops_its_evaluation_samples_only(tmp_path, monkeypatch
                          {"setting": run.setting, "seed": run.seed, "spec": study.run_spec(plan, run)})
     fake = {"metrics": {"fid@2.0": 1.0}, "commands": [], "wall_s": 1.0}
     ran = []
-    monkeypatch.setattr(study_runners, "run_image", lambda plan, run, directory: ran.append(run.name) or fake)
+    monkeypatch.setattr(study_runners, "run_image", lambda plan, run, directory, _: ran.append(run.name) or fake)
     longer = image_plan()
     longer["base"]["args"] += ["--total-images", "64"]
     run_study(tmp_path, longer)
     assert ran == ["clean-seed0", "cep-u-seed0"]
     assert sorted(p.name for p in samples.iterdir()) == ["ddim-50-g1-eta0", "samples-000000032.png"]
+
+
+def prerequisite_plan(**changes) -> dict:
+    """image_plan with a micro pre-training `pre` that cep-u continues from (--init-from {pre})."""
+    plan = image_plan(**changes)
+    plan["prerequisites"] = {"pre": {"module": "training.train", "args": plan["base"]["args"] + [
+        "--preset", "dit-tiny-digits", "--seed", "7"]}}
+    plan["settings"]["cep-u"]["args"] = plan["settings"]["cep-u"]["args"] + ["--init-from", "{pre}"]
+    return plan
+
+
+def test_prerequisites_are_made_once_before_the_runs_that_name_them(tmp_path, monkeypatch, capsys):
+    made, trained = [], []
+    stats = {"loss": 0.5}
+    monkeypatch.setattr(study_runners, "make_prerequisite", lambda plan, name, directory: made.append(
+        (name, directory)) or {"command": "make", "wall_s": 2.0, "final_stats": dict(stats), "run_dir": str(directory)})
+    monkeypatch.setattr(study_runners, "run_image", lambda plan, run, directory, prerequisites: trained.append(
+        (run.name, prerequisites)) or {"metrics": {"fid@2.0": 1.0}, "commands": [], "wall_s": 1.0})
+    run_study(tmp_path, prerequisite_plan(seeds=[0, 1]), "--only", "clean")
+    assert made == [] and len(trained) == 2                    # clean does not name `pre`
+    run_study(tmp_path, prerequisite_plan(seeds=[0, 1]))
+    directory = tmp_path / "runs/tiny/_prerequisites/pre"
+    assert made == [("pre", directory)] and [name for name, _ in trained[2:]] == ["cep-u-seed0", "cep-u-seed1"]
+    assert trained[-1][1] == {"pre": directory}
+    record = json.loads((tmp_path / "out/tiny/runs/cep-u-seed0.json").read_text())
+    assert record["spec"]["prerequisites"]["pre"]["args"][-1] == "7" and "{pre}" in record["spec"]["train"]
+    assert "prerequisites" not in json.loads((tmp_path / "out/tiny/runs/clean-seed0.json").read_text())["spec"]
+    assert "pre (2 s" in (tmp_path / "out/tiny/report.md").read_text()
+    run_study(tmp_path, prerequisite_plan(seeds=[0, 1]))       # all done: nothing is made or trained again
+    assert len(made) == 1 and len(trained) == 4
+    changed = prerequisite_plan(seeds=[0, 1])
+    changed["prerequisites"]["pre"]["args"][-1] = "8"          # a new prerequisite: the runs naming it are stale
+    run_study(tmp_path, changed)
+    assert len(made) == 2 and [name for name, _ in trained[4:]] == ["cep-u-seed0", "cep-u-seed1"]
+    assert "warning" not in capsys.readouterr().err           # a changed spec is no re-make
+    stats["loss"] = 0.6                                        # a re-make (another machine) that came out different
+    run_study(tmp_path, changed | {"seeds": [0, 1, 2]})
+    assert "warning: prerequisite pre was re-made" in capsys.readouterr().err
+    record = json.loads((tmp_path / "out/tiny/prerequisites/pre.json").read_text())
+    assert record["previous_final_stats"] == {"loss": 0.5} and record["final_stats"] == {"loss": 0.6}
 
 
 def test_dry_run_cost_from_gmm_records(tmp_path, capsys):
@@ -303,13 +346,18 @@ def test_failures_name_the_job_and_write_no_record(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_image_plan_end_to_end(tmp_path):
-    """One micro DiT run (32 training images, CEP-U), evaluated with 20 samples at two scales, through the CLI."""
-    plan = image_plan(settings={"cep-u": image_plan()["settings"]["cep-u"]}, baseline="cep-u", claims=[])
+    """One micro DiT run (32 training images, CEP-U) continued from a micro prerequisite, evaluated with 20 samples at
+    two scales, through the CLI."""
+    plan = prerequisite_plan()
+    plan |= {"settings": {"cep-u": plan["settings"]["cep-u"]}, "baseline": "cep-u", "claims": []}
     plan["evaluation"]["args"] += ["--cache-dir", str(tmp_path / "cache")]
     summary = run_study(tmp_path, plan)
     record = json.loads((tmp_path / "out/tiny/runs/cep-u-seed0.json").read_text())
     assert record["commands"][0].startswith("python -m training.train --preset dit-tiny-digits")
     assert "--cep uniform" in record["commands"][0] and "--seed 0" in record["commands"][0]
+    assert f"--init-from {tmp_path}/runs/tiny/_prerequisites/pre " in record["commands"][0]
+    prerequisite = json.loads((tmp_path / "out/tiny/prerequisites/pre.json").read_text())
+    assert prerequisite["final_stats"]["images_seen"] == 32 and "--seed 7" in prerequisite["command"]
     assert record["commands"][1].startswith("python -m evaluation.evaluate --run-dir")
     assert math.isfinite(record["metrics"]["fid@2.0"]) and 0 <= record["metrics"]["label_agreement@1.0"] <= 1
     assert record["images_per_second"] > 0 and record["total_images"] == 32
