@@ -191,7 +191,8 @@ def validate_claim(field: str, claim, settings: dict, guidance) -> None:
     expect(isinstance(claim, dict), field, "must be an object")
     for key in ("claim", "metric", "direction", "a", "b"):
         expect(isinstance(claim.get(key), str) and claim[key], f"{field}.{key}", "is required (a string)")
-    known_fields(f"{field}.", claim, {"claim", "metric", "direction", "a", "b"})
+    known_fields(f"{field}.", claim, {"claim", "metric", "direction", "a", "b", "paper"})
+    expect(isinstance(claim.get("paper", ""), str), f"{field}.paper", "must be a string (the paper's numbers)")
     expect(claim["direction"] in DIRECTIONS, f"{field}.direction", f"must be one of {DIRECTIONS}")
     for key in ("a", "b"):
         expect(claim[key] in settings, f"{field}.{key}", f"{claim[key]!r} is not a setting")

@@ -61,15 +61,15 @@ def grid(rows: list[str], metrics: list[str], cell) -> list[str]:
 
 
 def claims_table(plan, records: list[dict], claims: list[dict]) -> list[str]:
-    lines = ["| claim | metric | a | b | expects a | mean a - b (paired) | 95 % CI | pairs | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| claim | paper | metric | a | b | expects a | mean a - b (paired) | 95 % CI | resolvable | pairs "
+             "| verdict |", "|---" * 11 + "|"]
     for claim in claims:
         pairs = paired_difference(metric_values(records, claim["a"], claim["metric"]),
                                   metric_values(records, claim["b"], claim["metric"]))["seeds"]
         interval = "-" if claim["ci95"] is None else f"[{number(claim['ci95'][0])}, {number(claim['ci95'][1])}]"
-        lines.append(f"| {claim['claim']} | `{claim['metric']}` | {claim['a']} | {claim['b']} | "
-                     f"{claim['direction']} | {number(claim['difference'])} | {interval} | {len(pairs)} | "
-                     f"**{claim['verdict']}** |")
+        lines.append(f"| {claim['claim']} | {claim['paper'] or '-'} | `{claim['metric']}` | {claim['a']} | "
+                     f"{claim['b']} | {claim['direction']} | {number(claim['difference'])} | {interval} | "
+                     f"{number(claim['resolvable'], 2)} | {len(pairs)} | **{claim['verdict']}** |")
     return lines
 
 

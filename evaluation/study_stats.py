@@ -9,7 +9,8 @@ VERDICT_RULE = ("A claim compares setting a with setting b on one metric, paired
                 "metric(b, seed k) over the seeds both have. Its 95 % interval is mean(d) +- t(0.975, n-1) * sd(d) / "
                 "sqrt(n). **reproduced**: the interval excludes 0 on the claimed side (direction 'lower': upper end < 0; "
                 "'higher': lower end > 0); **contradicted**: it excludes 0 on the other side; **inconclusive**: it "
-                "contains 0, or fewer than 2 pairs.")
+                "contains 0, or fewer than 2 pairs. **resolvable** = the interval's half-width: with the same spread, "
+                "a true effect smaller than it would have been called inconclusive.")
 
 
 def mean_interval(values) -> tuple[float | None, list[float] | None]:
@@ -74,9 +75,11 @@ def summarize_claims(plan, records: list[dict]) -> list[dict]:
     for claim in plan.claims:
         paired = paired_difference(metric_values(records, claim["a"], claim["metric"]),
                                    metric_values(records, claim["b"], claim["metric"]))
+        interval = paired["ci95"]
         out.append({**{key: claim[key] for key in ("claim", "metric", "direction", "a", "b")},
-                    "difference": paired["difference"], "ci95": paired["ci95"],
-                    "verdict": verdict(claim["direction"], paired["ci95"])})
+                    "paper": claim.get("paper", ""), "difference": paired["difference"], "ci95": interval,
+                    "resolvable": None if interval is None else (interval[1] - interval[0]) / 2,
+                    "verdict": verdict(claim["direction"], interval)})
     return out
 
 

@@ -163,12 +163,14 @@ def test_verdict_rule(interval, direction, expected):
 def test_verdicts_on_constructed_runs(tmp_path):
     """Entropy rises with gamma (reproduced when claimed higher, contradicted when claimed lower); w2 does not move
     beyond seed noise (inconclusive); one pair only is inconclusive too."""
-    claims = [{"claim": "up", "metric": "entropy", "direction": "higher", "a": "cep-1", "b": "clean"},
+    claims = [{"claim": "up", "metric": "entropy", "direction": "higher", "a": "cep-1", "b": "clean",
+               "paper": "Thm 1: +0.2 nats"},
               {"claim": "down", "metric": "entropy", "direction": "lower", "a": "cep-1", "b": "clean"},
               {"claim": "w2", "metric": "w2", "direction": "lower", "a": "cep-1", "b": "clean"}]
     summary = run_study(tmp_path, gmm_plan(claims=claims, seeds=[0, 1, 2, 3]))
     assert [c["verdict"] for c in summary["claims"]] == ["reproduced", "contradicted", "inconclusive"]
     assert summary["claims"][0]["difference"] == pytest.approx(1.0)
+    assert "| up | Thm 1: +0.2 nats | `entropy` |" in (tmp_path / "out/fake/report.md").read_text()
     one_pair = run_study(tmp_path, gmm_plan(plan="one", claims=claims[:1], seeds=[0]))
     assert one_pair["claims"][0]["verdict"] == "inconclusive" and one_pair["claims"][0]["ci95"] is None
 
@@ -188,7 +190,9 @@ def test_summary_json_schema(tmp_path):
             assert entry["mean"] == pytest.approx(np.mean(entry["values"]))
             assert entry["ci95"][0] < entry["mean"] < entry["ci95"][1]
     for claim in summary["claims"]:
-        assert set(claim) == {"claim", "metric", "direction", "a", "b", "difference", "ci95", "verdict"}
+        assert set(claim) == {"claim", "metric", "direction", "a", "b", "paper", "difference", "ci95", "resolvable",
+                              "verdict"}
+        assert claim["resolvable"] == pytest.approx((claim["ci95"][1] - claim["ci95"][0]) / 2)
     report = (tmp_path / "out/fake/report.md").read_text()
     assert "Verdict rule" in report and "**reproduced**" in report and "entropy_vs_gamma.png" in report
     assert (tmp_path / "out/fake/entropy_vs_gamma.png").stat().st_size > 1000
