@@ -166,12 +166,12 @@ def evaluate(args) -> list[dict]:
         reference_seconds = time.perf_counter() - start
     for guidance in args.guidance:
         out_dir = run_dir / "samples" / f"{args.sampler}-{args.steps}-g{guidance:g}-eta{args.eta:g}"
-        reused = sum((out_dir / f"{s:06d}.png").is_file() for s in seeds)   # written by an earlier evaluation
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         generate(sampler, out_dir, seeds, guidance, args.sampler, args.steps, args.eta, args.batch_size,
-                 not args.no_progress)
+                 not args.no_progress, replace_other_weights=True)
         sample_seconds = time.perf_counter() - start
-        generated = len(seeds) - reused
+        generated = sum((out_dir / f"{s:06d}.png").stat().st_mtime >= started for s in seeds)  # others: reused
+        reused = len(seeds) - generated
         if rank != 0:
             continue
         start = time.perf_counter()

@@ -9,6 +9,8 @@ or the number of ranks, and a re-run skips seeds already written.
         --num-samples 1000 --sampler dpm++2m --steps 50 --guidance 2.0
 """
 import argparse
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -90,8 +92,20 @@ class Sampler:
         run = run if isinstance(run, LoadedRun) else load_run(run, device)
         self.model, self.config, self.diffusion, self.decoder = run.model, run.config, run.diffusion, run.decoder
         self.conditioner = Conditioner(run, prompts, device)
+        self.text_encoder = run.text_encoder
         self.shape = run.shape
         self.device = device
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of every weight that shapes the images (denoiser, text encoder, decoder): a sample folder made by
+        other weights (a run trained further, a re-made autoencoder) must not be reused as if it were this run's."""
+        digest = hashlib.sha256()
+        for module in (self.model, self.text_encoder, self.decoder):
+            for name, tensor in (module.state_dict() if module is not None else {}).items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def __call__(self, seeds: list[int], guidance: float, sampler: str = "dpm++2m", steps: int = 50,
@@ -107,22 +121,30 @@ class Sampler:
         return {"images": to_uint8(x), "labels": labels, "prompts": prompts, "latents": latents}
 
 
-def sample_settings(sampler: str, steps: int, guidance: float, eta: float, prompts: list[str] | None) -> dict:
+def sample_settings(sampler: str, steps: int, guidance: float, eta: float, prompts: list[str] | None,
+                    weights: str) -> dict:
     return {"sampler": sampler, "steps": steps, "guidance": float(guidance), "eta": float(eta),
-            "prompts": prompts}
+            "prompts": prompts, "weights": weights}
 
 
-def check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse to resume into a folder written with other settings (mixing them would corrupt every metric)."""
+def check_settings(out_dir: Path, settings: dict, replace_other_weights: bool = False) -> None:
+    """Refuse to resume into a folder written with other settings (mixing them would corrupt every metric). With
+    replace_other_weights, samples that differ only in the weights that made them are deleted and made again: the
+    folders evaluation.evaluate keeps inside a run dir belong to the run's current weights."""
     path = out_dir / "settings.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        changed = sorted(k for k in settings if previous.get(k) != settings[k])
+        if changed == ["weights"] and replace_other_weights:
+            print(f"{out_dir}: samples of other weights (sha256 {str(previous.get('weights'))[:12]}), made again")
+            for old in [*out_dir.glob("*.png"), *out_dir.glob("*.npy"), *out_dir.glob("samples.npz")]:
+                old.unlink()
+        elif changed:
             raise ValueError(f"out_dir: {out_dir} holds samples made with different {changed}; use another folder")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        else:
+            return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -132,8 +154,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def generate(sampler: Sampler, out_dir, seeds: list[int], guidance: float, method: str = "dpm++2m",
-             steps: int = 50, eta: float = 0.0, batch_size: int = 64, progress: bool = True) -> None:
-    """Writes out_dir/{seed:06d}.png (+ .npy latents for latent runs) for this rank's share of `seeds`."""
+             steps: int = 50, eta: float = 0.0, batch_size: int = 64, progress: bool = True,
+             replace_other_weights: bool = False) -> None:
+    """Writes out_dir/{seed:06d}.png (+ .npy latents for latent runs) for this rank's share of `seeds`;
+    replace_other_weights: see check_settings."""
     if method not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {method!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -143,7 +167,8 @@ def generate(sampler: Sampler, out_dir, seeds: list[int], guidance: float, metho
     out_dir = Path(out_dir)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if rank == 0:
-        check_settings(out_dir, sample_settings(method, steps, guidance, eta, sampler.conditioner.prompts))
+        check_settings(out_dir, sample_settings(method, steps, guidance, eta, sampler.conditioner.prompts,
+                                                sampler.fingerprint), replace_other_weights)
     distributed.barrier()
     todo = [s for s in seeds[rank::world] if not (out_dir / f"{s:06d}.png").is_file()]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]

@@ -133,10 +133,8 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
     if plan.kind == "gmm":
         fields = runners.run_gmm(plan, run, not args.no_progress)
     else:
-        directory = run_dir(args, plan, run)
-        if stale:  # evaluate reuses existing samples: drop those of an older definition of the run
-            runners.drop_evaluation_samples(plan, directory)
-        fields = runners.run_image(plan, run, directory, prerequisite_dirs(args, plan))
+        # a stale run's old samples are not reused: evaluate remakes samples of other weights
+        fields = runners.run_image(plan, run, run_dir(args, plan, run), prerequisite_dirs(args, plan))
     record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),
               "started": started, "finished": now()}

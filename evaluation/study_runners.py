@@ -171,15 +171,6 @@ def run_image(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict) -> d
             "num_samples": plan.evaluation["num_samples"], "run_dir": str(run_dir)}
 
 
-def drop_evaluation_samples(plan: Plan, run_dir: Path) -> None:
-    """Deletes the sample folders evaluation.evaluate would reuse for the plan's sampler, steps and scales
-    (samples/<sampler>-<steps>-g<scale>-eta<eta>/); the training grids stay."""
-    evaluation = plan.evaluation
-    for scale in evaluation["guidance"]:
-        for folder in (run_dir / "samples").glob(f"{evaluation['sampler']}-{evaluation['steps']}-g{scale:g}-eta*"):
-            shutil.rmtree(folder)
-
-
 def newest_evaluations(plan: Plan, run_dir: Path, num_samples: int) -> dict:
     """guidance scale -> the newest metrics.jsonl record with the plan's sampler and steps and N samples."""
     evaluation, newest = plan.evaluation, {}

@@ -97,6 +97,25 @@ def test_resume_with_other_settings_is_refused(sampler, tmp_path):
         generate(sampler, tmp_path, [0], 2.5, "ddim", 3, progress=False)
 
 
+def test_samples_of_other_weights_are_refused_or_made_again(run_dir, tmp_path):
+    """A folder made by other weights (the run trained further) is refused, or remade where the folder belongs to the
+    run's current weights (evaluate); the fingerprint covers every weight."""
+    first = Sampler(run_dir)
+    generate(first, tmp_path, [0, 1], 1.5, "ddim", 3, progress=False)
+    before = images_in(tmp_path, [0, 1])
+    further = Sampler(run_dir)
+    with torch.no_grad():
+        for parameter in further.model.parameters():
+            parameter.add_(0.1)
+    assert further.fingerprint != first.fingerprint == Sampler(run_dir).fingerprint
+    with pytest.raises(ValueError, match="out_dir.*weights"):
+        generate(further, tmp_path, [0, 1], 1.5, "ddim", 3, progress=False)
+    generate(further, tmp_path, [0, 1], 1.5, "ddim", 3, progress=False, replace_other_weights=True)
+    assert not np.array_equal(images_in(tmp_path, [0, 1]), before)
+    generate(first, tmp_path / "other", [0, 1], 1.5, "ddim", 3, progress=False)
+    assert np.array_equal(images_in(tmp_path / "other", [0, 1]), before)
+
+
 def test_class_balanced_labels_and_npz(sampler, tmp_path):
     kwargs, null_kwargs, labels, _ = sampler.conditioner(list(range(20)))
     assert torch.equal(torch.bincount(labels), torch.full((10,), 2))
