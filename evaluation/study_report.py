@@ -106,7 +106,7 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
         rows = [name for name in settings if plan.baseline_of(name) != name]
         lines += grid(rows, metrics, lambda name, metric: with_interval(differences[name, metric]["difference"],
                                                                          differences[name, metric]["ci95"]))
-    lines += prerequisites_section(plan, out_dir)
+    lines += prerequisites_section(plan, out_dir) + curves_section(out_dir)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Commands", "", "One run per setting (the other seeds differ only in the seed):", ""]
@@ -133,6 +133,22 @@ def prerequisites_section(plan, out_dir: Path) -> list[str]:
         if "previous_final_stats" in record:
             lines.append(f"  - re-made with different final stats than before: {record['previous_final_stats']}")
     return ["## Prerequisites", "", *lines, ""] if lines else []
+
+
+def curves_section(out_dir: Path) -> list[str]:
+    """The learning curves (evaluation.learning_curve) that sized the plan: label agreement and FID per stage."""
+    lines = []
+    for path in sorted((out_dir / "curves").glob("*.json")):
+        curve = json.loads(path.read_text())
+        scales = sorted({m.rpartition("@")[2] for p in curve["points"] for m in p["metrics"]}, key=float)
+        lines += [f"`{path.stem}` (learned at {curve.get('learned_at') or 'not reached'}; "
+                  f"![curve](curves/{path.stem}.png)):", "",
+                  "| images | " + " | ".join(f"label agreement s={s} | FID s={s}" for s in scales) + " |",
+                  "|---" * (1 + 2 * len(scales)) + "|"]
+        lines += [f"| {p['images']} | " + " | ".join(
+            f"{number(p['metrics'].get(f'label_agreement@{s}'), 3)} | {number(p['metrics'].get(f'fid@{s}'), 3)}"
+            for s in scales) + " |" for p in curve["points"]] + [""]
+    return ["## Learning curves", "", *lines] if lines else []
 
 
 def dry_run_line(out_dir: Path) -> str:

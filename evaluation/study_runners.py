@@ -91,9 +91,11 @@ def launcher(nproc: int, module: str) -> tuple[list[str], dict]:
             {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def evaluation_args(plan: Plan, num_samples: int) -> list[str]:
+def evaluation_args(plan: Plan, num_samples: int, guidance: list | None = None) -> list[str]:
+    """evaluation.evaluate's flags for the plan's evaluation (at other guidance scales when given)."""
     evaluation = plan.evaluation
-    return ["--num-samples", str(num_samples), "--guidance", *[str(float(s)) for s in evaluation["guidance"]],
+    guidance = evaluation["guidance"] if guidance is None else guidance
+    return ["--num-samples", str(num_samples), "--guidance", *[str(float(s)) for s in guidance],
             "--sampler", evaluation["sampler"], "--steps", str(evaluation["steps"]), *evaluation["args"],
             "--no-progress"]
 
@@ -171,18 +173,20 @@ def run_image(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict) -> d
             "num_samples": plan.evaluation["num_samples"], "run_dir": str(run_dir)}
 
 
-def newest_evaluations(plan: Plan, run_dir: Path, num_samples: int) -> dict:
-    """guidance scale -> the newest metrics.jsonl record with the plan's sampler and steps and N samples."""
+def newest_evaluations(plan: Plan, run_dir: Path, num_samples: int, guidance: list | None = None) -> dict:
+    """guidance scale -> the newest metrics.jsonl record with the plan's sampler and steps and N samples, for the
+    plan's scales (or the given ones)."""
     evaluation, newest = plan.evaluation, {}
+    guidance = evaluation["guidance"] if guidance is None else guidance
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if (record["sampler"], record["steps"], record["num_samples"]) == (
                 evaluation["sampler"], evaluation["steps"], num_samples):
             newest[float(record["guidance"])] = record
-    missing = [s for s in evaluation["guidance"] if float(s) not in newest]
+    missing = [s for s in guidance if float(s) not in newest]
     if missing:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no record for guidance {missing}")
-    return {float(s): newest[float(s)] for s in evaluation["guidance"]}
+    return {float(s): newest[float(s)] for s in guidance}
 
 
 def per_sample_seconds(evaluations: dict) -> float:

@@ -125,6 +125,7 @@ def test_cep_noise_ratio_is_logged(tmp_path):
 
 @pytest.mark.parametrize("module", ["training.train", "training.train_autoencoder", "training.encode_latents",
                                     "evaluation.evaluate", "evaluation.report", "evaluation.study",
+                                    "evaluation.learning_curve", "evaluation.sample",
                                     "gmm_theory.verify"])
 def test_every_command_prints_its_help(module):
     """--help of every documented command renders (argparse formats help strings with %: a stray % crashed it)."""

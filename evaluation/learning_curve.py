@@ -1,0 +1,158 @@
+"""Learning curve of one (setting, seed) of an image study plan: train in stages to each image count of --at, evaluate
+after each, and report when the model has learned its condition (label agreement at the plan's main scale). This is
+how a plan's training length is chosen before its runs are launched.
+
+    python -m evaluation.learning_curve configs/studies/mnist-ldm.json --at 100000 200000 400000
+    python -m evaluation.learning_curve configs/studies/digits.json --setting clean --seed 0 --num-samples 500 \
+        --guidance 1.0 --at 50000 100000 150000
+
+The stages continue one run dir (<runs-root>/<plan>/_curves/<setting>/seed<k>; resumed, so a stage costs only its
+extra images); training has no lr decay, so the weights at N images equal those of a run trained for N. The plan's
+prerequisites are made first. Each finished stage is appended to results/study/<plan>/curves/<setting>-seed<k>.json
+(with the plot beside it); a stage already there is not run again, and a record whose definition differs (training
+flags, evaluation) starts over.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from evaluation import study, study_runners as runners  # noqa: E402
+from evaluation.study_plan import PlanError, Run, load_plan  # noqa: E402
+from training.checkpoint import atomic_write  # noqa: E402
+
+LEARNED = 0.9   # issue 12: a clean model has learned its condition at label agreement >= 0.9 at the main scale
+
+
+def curve_spec(plan, run: Run, num_samples: int, guidance: list[float]) -> dict:
+    return {**study.run_spec(plan, run), "evaluation": runners.evaluation_args(plan, num_samples, guidance)}
+
+
+def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance: list[float], prerequisites: dict,
+          ) -> dict:
+    """Train the run dir on to `images` (resuming) and evaluate it; the stage's record."""
+    train = [*runners.resolve(runners.train_args(plan, run.setting), prerequisites), "--run-dir", str(run_dir),
+             "--seed", str(run.seed), "--no-progress", "--total-images", str(images)]
+    train_prefix, train_env = runners.launcher(plan.base["nproc"], "training.train")
+    evaluate_prefix, evaluate_env = runners.launcher(plan.base["nproc"], "evaluation.evaluate")
+    evaluate = [*evaluate_prefix, "--run-dir", str(run_dir), *runners.evaluation_args(plan, num_samples, guidance)]
+    log = run_dir / "curve.log"
+    train_s = runners.execute(train_prefix + train, train_env, log)
+    evaluate_s = runners.execute(evaluate, evaluate_env, log)
+    evaluations = runners.newest_evaluations(plan, run_dir, num_samples, guidance)
+    ticks = runners.training_stats(run_dir)
+    return {"images": ticks[-1]["images_seen"], "loss": ticks[-1].get("loss"),
+            "metrics": {f"{name}@{scale}": value for scale, record in evaluations.items()
+                        for name, value in record["metrics"].items() if isinstance(value, (int, float))},
+            "train_s": train_s, "evaluate_s": evaluate_s, "images_per_second": runners.images_per_second(run_dir),
+            "commands": [runners.shown(train_prefix + train, train_env), runners.shown(evaluate, evaluate_env)]}
+
+
+def learned_at(points: list[dict], scale: float) -> int | None:
+    """The first image count whose label agreement at `scale` reaches LEARNED (None: not yet)."""
+    for point in points:
+        if point["metrics"].get(f"label_agreement@{scale}", -1.0) >= LEARNED:
+            return point["images"]
+    return None
+
+
+def plot(points: list[dict], guidance: list[float], title: str, path: Path) -> None:
+    """Label agreement and FID against training images, one line per guidance scale."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    images = [p["images"] / 1000 for p in points]
+    for scale in guidance:
+        left.plot(images, [p["metrics"].get(f"label_agreement@{scale}") for p in points], "o-", label=f"s={scale:g}")
+        right.plot(images, [p["metrics"].get(f"fid@{scale}") for p in points], "o-", label=f"s={scale:g}")
+    left.axhline(LEARNED, color="grey", linestyle=":", label=f"learned ({LEARNED})")
+    left.set(xlabel="training images (k)", ylabel="label agreement", ylim=(0, 1.02))
+    right.set(xlabel="training images (k)", ylabel="FID", yscale="log")
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: fig.savefig(temporary, format="png", dpi=110))
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evaluation.learning_curve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="configs/studies/<plan>.json (an image plan)")
+    p.add_argument("--at", type=int, nargs="+", required=True, metavar="IMAGES",
+                   help="training image counts to evaluate at, increasing")
+    p.add_argument("--setting", default=None, help="default: the plan's baseline")
+    p.add_argument("--seed", type=int, default=None, help="default: the plan's first seed")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per scale at each stage")
+    p.add_argument("--guidance", type=float, nargs="+", default=None,
+                   help="scales to evaluate (default: the plan's first); the first is the one 'learned' is read at")
+    p.add_argument("--runs-root", default="runs/study")
+    p.add_argument("--out", default="results/study")
+    return p
+
+
+def learning_curve(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    plan = load_plan(args.plan)
+    if plan.kind != "image":
+        raise PlanError("plan", f"{plan.name} is a {plan.kind} plan; learning curves are for image plans")
+    setting = args.setting or plan.baseline
+    if setting not in plan.settings:
+        raise PlanError("--setting", f"{setting!r} is not a setting of {plan.name}; known: {list(plan.settings)}")
+    if any(n <= 0 for n in args.at) or sorted(set(args.at)) != args.at:
+        raise PlanError("--at", f"must be increasing positive image counts, got {args.at}")
+    if args.num_samples < 2:
+        raise PlanError("--num-samples", f"must be >= 2, got {args.num_samples}")
+    runners.image_config(plan, setting)
+    guidance = args.guidance or plan.evaluation["guidance"][:1]
+    run = Run(setting, plan.seeds[0] if args.seed is None else args.seed)
+    out = Path(args.out) / plan.name / "curves"
+    path = out / f"{run.name}.json"
+    spec = json.loads(json.dumps(curve_spec(plan, run, args.num_samples, guidance)))
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("spec") != spec:
+        record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": spec, "points": []}
+    done = {p["images"] for p in record["points"]}
+    todo = [n for n in args.at if n not in done]
+    if todo:
+        study.make_prerequisites(args, plan, [run], set())
+    run_dir = Path(args.runs_root) / plan.name / "_curves" / run.setting / f"seed{run.seed}"
+    for images in todo:
+        print(f"{plan.name} {run.name}: training to {images} images, then {args.num_samples} samples at s={guidance}",
+              file=sys.stderr)
+        record["points"].append(stage(plan, run, run_dir, images, args.num_samples, guidance,
+                                      study.prerequisite_dirs(args, plan)))
+        record["points"].sort(key=lambda p: p["images"])
+        record |= {"machine": study.machine(), "git_commit": study.git_commit(), "finished": study.now()}
+        study.write_json(path, record)
+    record["learned_at"] = learned_at(record["points"], guidance[0])
+    study.write_json(path, record)
+    plot(record["points"], guidance, f"{plan.name} {run.name} ({args.num_samples} samples per point)",
+         path.with_suffix(".png"))
+    print(f"| images | " + " | ".join(f"label agreement s={s:g} | FID s={s:g}" for s in guidance) + " |")
+    for point in record["points"]:
+        print(f"| {point['images']} | " + " | ".join(
+            f"{point['metrics'].get(f'label_agreement@{s}', float('nan')):.3f} | "
+            f"{point['metrics'].get(f'fid@{s}', float('nan')):.3g}" for s in guidance) + " |")
+    print(f"learned (label agreement >= {LEARNED} at s={guidance[0]:g}): "
+          + (f"at {record['learned_at']} images" if record["learned_at"] else "not within the curve"))
+    return record
+
+
+def main(argv=None) -> None:
+    try:
+        learning_curve(sys.argv[1:] if argv is None else argv)
+    except PlanError as error:
+        print(f"learning_curve: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except runners.RunFailed as error:   # finished stages keep their record: re-running continues
+        print(f"learning_curve: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
