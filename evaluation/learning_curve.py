@@ -144,14 +144,7 @@ def learning_curve(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    try:
-        learning_curve(sys.argv[1:] if argv is None else argv)
-    except PlanError as error:
-        print(f"learning_curve: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except runners.RunFailed as error:   # finished stages keep their record: re-running continues
-        print(f"learning_curve: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    study.run_command("learning_curve", learning_curve, argv)
 
 
 if __name__ == "__main__":

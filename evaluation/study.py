@@ -290,15 +290,21 @@ def study(argv: list[str]) -> dict | None:
     return json.loads(summary_path.read_text())
 
 
-def main(argv=None) -> None:
+def run_command(prog: str, command, argv=None) -> None:
+    """The study commands' error contract: a bad plan or flag exits 2 with one line naming the field; a failed job
+    exits 1 with its command and log tail (finished runs keep their records: re-running continues)."""
     try:
-        study(sys.argv[1:] if argv is None else argv)
+        command(sys.argv[1:] if argv is None else argv)
     except PlanError as error:
-        print(f"study: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except runners.RunFailed as error:   # finished runs keep their records: re-running continues
-        print(f"study: error: {error}", file=sys.stderr)
+    except runners.RunFailed as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def main(argv=None) -> None:
+    run_command("study", study, argv)
 
 
 if __name__ == "__main__":
