@@ -8,6 +8,7 @@ diffusion latent is the pre-quantisation output; `decode` quantises it first.
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -118,8 +119,10 @@ class VectorQuantizer(nn.Module):
         z_q = rearrange(self.embedding(indices), "b h w d -> b d h w")
         loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
         if self.training:
-            flat = indices.flatten()
-            self.usage_counts.index_add_(0, flat, torch.ones_like(flat))
+            counts = torch.bincount(indices.flatten(), minlength=self.usage_counts.numel())
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)   # every replica counts every rank's codes: DDP replicas stay identical
+            self.usage_counts += counts
         return z + (z_q - z).detach(), loss, indices                      # straight-through gradient
 
     def usage(self) -> float:

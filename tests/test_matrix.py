@@ -91,11 +91,14 @@ def test_two_processes(workspace, family, tmp_path):
     assert records[-1]["world_size"] == 2 and np.isfinite(records[-1]["metrics"]["fid"])
 
 
-def test_autoencoder_under_two_processes(tmp_path):
-    """train_autoencoder's loss goes through DDP; the replicas are checked bit-identical at every checkpoint."""
+@pytest.mark.parametrize("preset", ["kl-f4-tiny", "vq-f4-tiny"])
+def test_autoencoder_under_two_processes(tmp_path, preset):
+    """train_autoencoder's loss goes through DDP; the replicas (VQ: with the code-usage counts) are checked
+    bit-identical at every checkpoint."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run_ok([*torchrun, "-m", "training.train_autoencoder", "--preset", "kl-f4-tiny", "--image-size", "8",
+    run_ok([*torchrun, "-m", "training.train_autoencoder", "--preset", preset, "--image-size", "8",
             "--batch-size", "16", "--total-images", "32", "--log-every-images", "16", "--checkpoint-every-images", "16",
             "--set", "autoencoder.ch=8", "--no-progress", "--run-dir", str(tmp_path)])
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [s["images_seen"] for s in stats] == [16, 32] and (tmp_path / "autoencoder.pt").is_file()
+    assert all(0 < s["codebook_usage"] <= 1 if preset == "vq-f4-tiny" else "codebook_usage" not in s for s in stats)

@@ -134,6 +134,9 @@ def train_autoencoder(config: dict, run_dir: Path, progress: bool = True) -> dic
         if done or crossed(images_seen, training["batch_size"], logging["log_every_images"]):
             seconds = tick.seconds
             record = {"images_seen": images_seen, **tick.read(), "seconds": seconds}
+            if hasattr(model, "quantize"):   # fraction of the VQ codebook used since the last tick (all ranks)
+                record["codebook_usage"] = model.quantize.usage()
+                model.quantize.reset_usage()
             run.logger.stats(record)
             run.logger.log(f"kimg {images_seen / 1000:.1f} loss {record['loss']:.4f} "
                            f"reconstruction {record['reconstruction']:.4f}")
