@@ -89,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default: the plan's first seed")
     p.add_argument("--num-samples", type=int, default=500, help="samples per scale at each stage")
     p.add_argument("--guidance", type=float, nargs="+", default=None,
-                   help="scales to evaluate (default: the plan's first); the first is the one 'learned' is read at")
+                   help="scales to evaluate (default: the plan's first)")
+    p.add_argument("--main-scale", type=float, default=None,
+                   help="the plan's main scale, where 'learned' is read (default: the first of --guidance)")
     p.add_argument("--runs-root", default="runs/study")
     p.add_argument("--out", default="results/study")
     return p
@@ -109,6 +111,9 @@ def learning_curve(argv: list[str]) -> dict:
         raise PlanError("--num-samples", f"must be >= 2, got {args.num_samples}")
     runners.image_config(plan, setting)
     guidance = args.guidance or plan.evaluation["guidance"][:1]
+    main_scale = guidance[0] if args.main_scale is None else args.main_scale
+    if main_scale not in guidance:
+        raise PlanError("--main-scale", f"must be one of the evaluated scales {guidance}, got {main_scale}")
     run = Run(setting, plan.seeds[0] if args.seed is None else args.seed)
     out = Path(args.out) / plan.name / "curves"
     path = out / f"{run.name}.json"
@@ -129,7 +134,7 @@ def learning_curve(argv: list[str]) -> dict:
         record["points"].sort(key=lambda p: p["images"])
         record |= {"machine": study.machine(), "git_commit": study.git_commit(), "finished": study.now()}
         study.write_json(path, record)
-    record["learned_at"] = learned_at(record["points"], guidance[0])
+    record["learned_at"], record["main_scale"] = learned_at(record["points"], main_scale), main_scale
     study.write_json(path, record)
     plot(record["points"], guidance, f"{plan.name} {run.name} ({args.num_samples} samples per point)",
          path.with_suffix(".png"))
@@ -138,7 +143,7 @@ def learning_curve(argv: list[str]) -> dict:
         print(f"| {point['images']} | " + " | ".join(
             f"{point['metrics'].get(f'label_agreement@{s}', float('nan')):.3f} | "
             f"{point['metrics'].get(f'fid@{s}', float('nan')):.3g}" for s in guidance) + " |")
-    print(f"learned (label agreement >= {LEARNED} at s={guidance[0]:g}): "
+    print(f"learned (label agreement >= {LEARNED} at s={main_scale:g}): "
           + (f"at {record['learned_at']} images" if record["learned_at"] else "not within the curve"))
     return record
 

@@ -141,7 +141,8 @@ def curves_section(out_dir: Path) -> list[str]:
     for path in sorted((out_dir / "curves").glob("*.json")):
         curve = json.loads(path.read_text())
         scales = sorted({m.rpartition("@")[2] for p in curve["points"] for m in p["metrics"]}, key=float)
-        lines += [f"`{path.stem}` (learned at {curve.get('learned_at') or 'not reached'}; "
+        lines += [f"`{path.stem}` (label agreement >= 0.9 at s={curve.get('main_scale')}: "
+                  f"{curve.get('learned_at') or 'not reached'}; "
                   f"![curve](curves/{path.stem}.png)):", "",
                   "| images | " + " | ".join(f"label agreement s={s} | FID s={s}" for s in scales) + " |",
                   "|---" * (1 + 2 * len(scales)) + "|"]

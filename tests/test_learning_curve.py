@@ -42,7 +42,8 @@ def test_stages_resume_and_match_a_straight_run(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flags, field", [(["--at", "64", "32"], "--at"), (["--at", "0"], "--at"),
-                                          (["--at", "32", "--setting", "nope"], "--setting")])
+                                          (["--at", "32", "--setting", "nope"], "--setting"),
+                                          (["--at", "32", "--main-scale", "3.0"], "--main-scale")])
 def test_bad_arguments_name_the_flag(tmp_path, capsys, flags, field):
     with pytest.raises(SystemExit) as exit_:
         learning_curve.main([str(write_plan(tmp_path, image_plan())), "--out", str(tmp_path / "out"), *flags])
@@ -59,5 +60,5 @@ def test_the_plan_report_shows_its_curves(tmp_path):
     from evaluation import study
     from evaluation.study_report import curves_section
     point = {"images": 64, "metrics": {"label_agreement@1.0": 0.93, "fid@1.0": 2.5}}
-    study.write_json(tmp_path / "curves/clean-seed0.json", {"points": [point], "learned_at": 64})
+    study.write_json(tmp_path / "curves/clean-seed0.json", {"points": [point], "learned_at": 64, "main_scale": 1.0})
     assert "| 64 | 0.93 | 2.5 |" in "\n".join(curves_section(tmp_path))
