@@ -43,10 +43,13 @@ def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance
     evaluate = [*evaluate_prefix, "--run-dir", str(run_dir), *runners.evaluation_args(plan, num_samples, guidance)]
     log = run_dir / "curve.log"
     train_s = runners.execute(train_prefix + train, train_env, log)
+    ticks = runners.training_stats(run_dir)
+    if ticks[-1]["images_seen"] >= images + runners.image_config(plan, run.setting)["training"]["batch_size"]:
+        raise PlanError("--at", f"{run_dir} is trained past {images} images ({ticks[-1]['images_seen']}); stages run "
+                                "in increasing order: delete the run dir to measure an earlier one")
     evaluate_s = runners.execute(evaluate, evaluate_env, log)
     evaluations = runners.newest_evaluations(plan, run_dir, num_samples, guidance)
-    ticks = runners.training_stats(run_dir)
-    return {"images": ticks[-1]["images_seen"], "loss": ticks[-1].get("loss"),
+    return {"at": images, "images": ticks[-1]["images_seen"], "loss": ticks[-1].get("loss"),
             "metrics": {f"{name}@{scale}": value for scale, record in evaluations.items()
                         for name, value in record["metrics"].items() if isinstance(value, (int, float))},
             "train_s": train_s, "evaluate_s": evaluate_s, "images_per_second": runners.images_per_second(run_dir),
@@ -121,7 +124,7 @@ def learning_curve(argv: list[str]) -> dict:
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record.get("spec") != spec:
         record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": spec, "points": []}
-    done = {p["images"] for p in record["points"]}
+    done = {p["at"] for p in record["points"]}
     todo = [n for n in args.at if n not in done]
     if todo:
         study.make_prerequisites(args, plan, [run], set())
@@ -131,7 +134,7 @@ def learning_curve(argv: list[str]) -> dict:
               file=sys.stderr)
         record["points"].append(stage(plan, run, run_dir, images, args.num_samples, guidance,
                                       study.prerequisite_dirs(args, plan)))
-        record["points"].sort(key=lambda p: p["images"])
+        record["points"].sort(key=lambda p: p["at"])
         record |= {"machine": study.machine(), "git_commit": study.git_commit(), "finished": study.now()}
         study.write_json(path, record)
     record["learned_at"], record["main_scale"] = learned_at(record["points"], main_scale), main_scale
