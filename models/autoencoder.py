@@ -119,7 +119,8 @@ class VectorQuantizer(nn.Module):
         z_q = rearrange(self.embedding(indices), "b h w d -> b d h w")
         loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
         if self.training:
-            counts = torch.bincount(indices.flatten(), minlength=self.usage_counts.numel())
+            flat = indices.flatten()   # index_add_, not bincount: it has a meta kernel (shape checks on meta)
+            counts = torch.zeros_like(self.usage_counts).index_add_(0, flat, torch.ones_like(flat))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)   # every replica counts every rank's codes: DDP replicas stay identical
             self.usage_counts += counts
