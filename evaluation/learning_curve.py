@@ -36,13 +36,10 @@ def curve_spec(plan, run: Run, num_samples: int, guidance: list[float]) -> dict:
 def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance: list[float], prerequisites: dict,
           ) -> dict:
     """Train the run dir on to `images` (resuming) and evaluate it; the stage's record."""
-    train = [*runners.resolve(runners.train_args(plan, run.setting), prerequisites), "--run-dir", str(run_dir),
-             "--seed", str(run.seed), "--no-progress", "--total-images", str(images)]
-    train_prefix, train_env = runners.launcher(plan.base["nproc"], "training.train")
-    evaluate_prefix, evaluate_env = runners.launcher(plan.base["nproc"], "evaluation.evaluate")
-    evaluate = [*evaluate_prefix, "--run-dir", str(run_dir), *runners.evaluation_args(plan, num_samples, guidance)]
+    (train, train_env), (evaluate, evaluate_env) = runners.image_commands(plan, run, run_dir, prerequisites, images,
+                                                                          num_samples, guidance)
     log = run_dir / "curve.log"
-    train_s = runners.execute(train_prefix + train, train_env, log)
+    train_s = runners.execute(train, train_env, log)
     ticks = runners.training_stats(run_dir)
     if ticks[-1]["images_seen"] >= images + runners.image_config(plan, run.setting)["training"]["batch_size"]:
         raise PlanError("--at", f"{run_dir} is trained past {images} images ({ticks[-1]['images_seen']}); stages run "
@@ -53,7 +50,7 @@ def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance
             "metrics": {f"{name}@{scale}": value for scale, record in evaluations.items()
                         for name, value in record["metrics"].items() if isinstance(value, (int, float))},
             "train_s": train_s, "evaluate_s": evaluate_s, "images_per_second": runners.images_per_second(run_dir),
-            "commands": [runners.shown(train_prefix + train, train_env), runners.shown(evaluate, evaluate_env)]}
+            "commands": [runners.shown(train, train_env), runners.shown(evaluate, evaluate_env)]}
 
 
 def learned_at(points: list[dict], scale: float) -> int | None:

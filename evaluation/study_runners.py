@@ -106,18 +106,19 @@ def resolve(args: list[str], prerequisite_dirs: dict) -> list[str]:
 
 
 def image_commands(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict, total_images: int | None = None,
-                   num_samples: int | None = None) -> list[tuple[list[str], dict]]:
-    """[(argv, env)] of the training and the evaluation job; the two overrides serve the calibration."""
+                   num_samples: int | None = None, guidance: list | None = None) -> list[tuple[list[str], dict]]:
+    """[(argv, env)] of the training and the evaluation job; the overrides serve the calibration and the learning
+    curves."""
     nproc = plan.base["nproc"]
     train = [*resolve(train_args(plan, run.setting), prerequisite_dirs), "--run-dir", str(run_dir),
              "--seed", str(run.seed), "--no-progress"]
     if total_images is not None:
-        train += ["--total-images", str(total_images), "--log-every-images", str(total_images // 4)]
+        train += ["--total-images", str(total_images)]
     prefix, env = launcher(nproc, "training.train")
     evaluate_prefix, evaluate_env = launcher(nproc, "evaluation.evaluate")
     num_samples = num_samples or plan.evaluation["num_samples"]
-    return [(prefix + train, env),
-            (evaluate_prefix + ["--run-dir", str(run_dir), *evaluation_args(plan, num_samples)], evaluate_env)]
+    evaluate = ["--run-dir", str(run_dir), *evaluation_args(plan, num_samples, guidance)]
+    return [(prefix + train, env), (evaluate_prefix + evaluate, evaluate_env)]
 
 
 def shown(argv: list[str], env: dict) -> str:
@@ -224,6 +225,7 @@ def calibrate_image(plan: Plan, progress: bool, prerequisite_dirs: dict) -> dict
         run_dir = Path(folder) / "run"
         commands = image_commands(plan, Run(plan.baseline, plan.seeds[0]), run_dir, prerequisite_dirs, images, samples)
         (train, train_env), (evaluate, evaluate_env) = commands
+        train += ["--log-every-images", str(images // 4)]   # four ticks: a rate without the first one's warm-up
         if progress:
             print(f"calibrating: {shown(train, train_env)}", file=sys.stderr)
         train_s = execute(train, train_env, Path(folder) / "log.txt")

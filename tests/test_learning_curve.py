@@ -20,9 +20,9 @@ def curve(tmp_path, plan: dict, *flags) -> dict:
 def test_stages_resume_and_match_a_straight_run(tmp_path, monkeypatch, capsys):
     plan = image_plan()
     plan["evaluation"]["args"] += ["--cache-dir", str(tmp_path / "cache")]
-    record = curve(tmp_path, plan, "--at", "32", "64", "--guidance", "1.0", "2.0")
+    record = curve(tmp_path, plan, "--at", "32", "64", "--guidance", "1.0", "3.0")   # not the plan's [1, 2]
     assert [p["images"] for p in record["points"]] == [32, 64] == [p["at"] for p in record["points"]]
-    assert all(0 <= p["metrics"]["label_agreement@1.0"] <= 1 and "fid@2.0" in p["metrics"] for p in record["points"])
+    assert all(0 <= p["metrics"]["label_agreement@1.0"] <= 1 and "fid@3.0" in p["metrics"] for p in record["points"])
     assert "--total-images 64" in record["points"][1]["commands"][0]
     saved = json.loads((tmp_path / "out/tiny/curves/clean-seed0.json").read_text())
     assert saved["points"] == record["points"] and (tmp_path / "out/tiny/curves/clean-seed0.png").stat().st_size > 1000
@@ -37,9 +37,9 @@ def test_stages_resume_and_match_a_straight_run(tmp_path, monkeypatch, capsys):
     assert staged.keys() == direct.keys() and all((staged[k] == direct[k]).all() for k in staged)
 
     with pytest.raises(learning_curve.PlanError, match="--at: .* trained past 16 images"):
-        curve(tmp_path, plan, "--at", "16", "32", "64", "--guidance", "1.0", "2.0")
+        curve(tmp_path, plan, "--at", "16", "32", "64", "--guidance", "1.0", "3.0")
     monkeypatch.setattr(study_runners, "execute", lambda *a: pytest.fail("a finished stage ran again"))
-    again = curve(tmp_path, plan, "--at", "32", "64", "--guidance", "1.0", "2.0")
+    again = curve(tmp_path, plan, "--at", "32", "64", "--guidance", "1.0", "3.0")
     assert again["points"] == record["points"]
 
 
