@@ -253,10 +253,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.num_samples < 2:
         p.error("--num-samples: needs at least 2 images")
-    try:
-        cli.run(p, evaluate, args)
-    finally:
-        distributed.shutdown()
+    cli.run(p, evaluate, args)
 
 
 if __name__ == "__main__":

@@ -239,10 +239,7 @@ def main(argv=None) -> None:
     parser.add_argument("--npz", action="store_true", help="also pack all samples into samples.npz")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        cli.run(parser, sample_all, args)
-    finally:
-        distributed.shutdown()
+    cli.run(parser, sample_all, args)
 
 
 def sample_all(args) -> None:

@@ -120,10 +120,7 @@ def encode_latents(args: dict, progress: bool = True) -> Path:
 
 def main(argv=None) -> None:
     parser = build_parser()
-    try:
-        cli.run(parser, lambda: encode_latents(*parse_args(argv, parser)))  # user errors: one line, exit status 2
-    finally:
-        distributed.shutdown()
+    cli.run(parser, lambda: encode_latents(*parse_args(argv, parser)))  # user errors: one line, exit status 2
 
 
 if __name__ == "__main__":

@@ -380,10 +380,7 @@ def net_no_sync(model):
 
 def main(argv=None) -> None:
     parser = build_parser()
-    try:
-        cli.run(parser, lambda: train(*parse_args(argv, parser)))
-    finally:
-        distributed.shutdown()
+    cli.run(parser, lambda: train(*parse_args(argv, parser)))
 
 
 if __name__ == "__main__":

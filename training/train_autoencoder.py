@@ -168,10 +168,7 @@ def finish(model, images, config, run_dir: Path, device, logger: RunLogger) -> N
 
 def main(argv=None) -> None:
     parser = build_parser()
-    try:
-        cli.run(parser, lambda: train_autoencoder(*parse_args(argv, parser)))
-    finally:
-        distributed.shutdown()
+    cli.run(parser, lambda: train_autoencoder(*parse_args(argv, parser)))
 
 
 if __name__ == "__main__":
