@@ -47,6 +47,8 @@ def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance
     evaluate_s = runners.execute(evaluate, evaluate_env, log)
     evaluations = runners.newest_evaluations(plan, run_dir, num_samples, guidance)
     return {"at": images, "images": ticks[-1]["images_seen"], "loss": ticks[-1].get("loss"),
+            # the feature classifier's held-out accuracy: the label agreement real images would get (its ceiling)
+            "classifier_accuracy": next(iter(evaluations.values()))["extractor"].get("test_accuracy"),
             "metrics": {f"{name}@{scale}": value for scale, record in evaluations.items()
                         for name, value in record["metrics"].items() if isinstance(value, (int, float))},
             "train_s": train_s, "evaluate_s": evaluate_s, "images_per_second": runners.images_per_second(run_dir),
@@ -143,6 +145,9 @@ def learning_curve(argv: list[str]) -> dict:
         print(f"| {point['images']} | " + " | ".join(
             f"{point['metrics'].get(f'label_agreement@{s}', float('nan')):.3f} | "
             f"{point['metrics'].get(f'fid@{s}', float('nan')):.3g}" for s in guidance) + " |")
+    accuracy = record["points"][-1].get("classifier_accuracy") if record["points"] else None
+    if accuracy is not None:
+        print(f"feature classifier held-out accuracy (the label agreement of real images): {accuracy:.3f}")
     print(f"learned (label agreement >= {LEARNED} at s={main_scale:g}): "
           + (f"at {record['learned_at']} images" if record["learned_at"] else "not within the curve"))
     return record

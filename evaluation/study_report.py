@@ -141,8 +141,11 @@ def curves_section(out_dir: Path) -> list[str]:
     for path in sorted((out_dir / "curves").glob("*.json")):
         curve = json.loads(path.read_text())
         scales = sorted({m.rpartition("@")[2] for p in curve["points"] for m in p["metrics"]}, key=float)
+        accuracy = curve["points"][-1].get("classifier_accuracy") if curve["points"] else None
         lines += [f"`{path.stem}` (label agreement >= 0.9 at s={curve.get('main_scale')}: "
                   f"{curve.get('learned_at') or 'not reached'}; "
+                  + (f"real images score {accuracy:.3f}, the feature classifier's held-out accuracy; "
+                     if accuracy is not None else "") +
                   f"![curve](curves/{path.stem}.png)):", "",
                   "| images | " + " | ".join(f"label agreement s={s} | FID s={s}" for s in scales) + " |",
                   "|---" * (1 + 2 * len(scales)) + "|"]

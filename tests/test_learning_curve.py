@@ -26,7 +26,10 @@ def test_stages_resume_and_match_a_straight_run(tmp_path, monkeypatch, capsys):
     assert "--total-images 64" in record["points"][1]["commands"][0]
     saved = json.loads((tmp_path / "out/tiny/curves/clean-seed0.json").read_text())
     assert saved["points"] == record["points"] and (tmp_path / "out/tiny/curves/clean-seed0.png").stat().st_size > 1000
-    assert "| 64 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 64 |" in printed and all(0 < p["classifier_accuracy"] <= 1 for p in record["points"])
+    assert f"held-out accuracy (the label agreement of real images): {record['points'][-1]['classifier_accuracy']:.3f}" \
+        in printed
 
     straight = tmp_path / "straight"     # the same run trained to 64 images at once
     config, _, _ = parse_args([*study_runners.train_args(load_plan(write_plan(tmp_path, plan)), "clean"), "--run-dir",
@@ -61,6 +64,7 @@ def test_learned_at_is_the_first_stage_over_the_bar():
 def test_the_plan_report_shows_its_curves(tmp_path):
     from evaluation import study
     from evaluation.study_report import curves_section
-    point = {"images": 64, "metrics": {"label_agreement@1.0": 0.93, "fid@1.0": 2.5}}
+    point = {"images": 64, "classifier_accuracy": 0.962, "metrics": {"label_agreement@1.0": 0.93, "fid@1.0": 2.5}}
     study.write_json(tmp_path / "curves/clean-seed0.json", {"points": [point], "learned_at": 64, "main_scale": 1.0})
-    assert "| 64 | 0.93 | 2.5 |" in "\n".join(curves_section(tmp_path))
+    section = "\n".join(curves_section(tmp_path))
+    assert "| 64 | 0.93 | 2.5 |" in section and "real images score 0.962" in section
