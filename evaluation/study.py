@@ -105,6 +105,14 @@ def prerequisite_record_path(out: Path, plan: Plan, name: str) -> Path:
     return out / plan.name / "prerequisites" / f"{name}.json"
 
 
+WALL_CLOCK = ("seconds", "images_per_second", "time")  # fields of a stats tick that differ on every re-make
+
+
+def outcome(stats: dict | None) -> dict:
+    """A training's final stats without its wall-clock fields: what a deterministic re-make reproduces."""
+    return {key: value for key, value in (stats or {}).items() if key not in WALL_CLOCK}
+
+
 def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
     """Makes (or resumes, or finds finished) the prerequisites the runs to do name, once per invocation, and records
     each: the record keeps its final training stats (e.g. an autoencoder's reconstruction error) for the report. Run
@@ -119,7 +127,8 @@ def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
         record = {"plan": plan.name, "name": name, "spec": prerequisite_spec(plan, name),
                   **runners.make_prerequisite(plan, name, prerequisite_dirs(args, plan)[name]),
                   "machine": machine(), "git_commit": git_commit(), "finished": now()}
-        if previous and previous.get("spec") == record["spec"] and previous["final_stats"] != record["final_stats"]:
+        if previous and previous.get("spec") == record["spec"] and outcome(previous["final_stats"]) != outcome(
+                record["final_stats"]):
             print(f"study: warning: prerequisite {name} was re-made with final stats {record['final_stats']}, not "
                   f"the recorded {previous['final_stats']}", file=sys.stderr)
             record["previous_final_stats"] = previous["final_stats"]
