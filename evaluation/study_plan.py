@@ -13,8 +13,8 @@ DEFAULT_RUNNERS = {"gmm": "gmm_theory.bridge:run"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")    # plan and setting names become file names
 PLAN_KEYS = {"plan", "kind", "description", "base", "settings", "baseline", "seeds", "evaluation", "claims",
              "plot_metrics", "runner", "prerequisites"}
-SETTING_KEYS = {"image": {"args", "x", "series", "baseline", "description"},
-                "gmm": {"kwargs", "x", "series", "baseline", "description"}}
+SETTING_KEYS = {"image": {"args", "x", "series", "baseline", "description", "seeds"},
+                "gmm": {"kwargs", "x", "series", "baseline", "description", "seeds"}}
 RESERVED_FLAGS = ("--preset", "--run-dir", "--seed", "--no-progress")  # the harness sets these per run
 EVALUATION_FLAGS = ("--run-dir", "--num-samples", "--guidance", "--sampler", "--steps", "--no-progress")
 PREREQUISITE_MODULES = ("training.train", "training.train_autoencoder")
@@ -59,7 +59,12 @@ class Plan:
 
     def runs(self) -> list[Run]:
         """Every (setting, seed), settings in plan order, then seeds: the order shards and tables use."""
-        return [Run(setting, seed) for setting in self.settings for seed in self.seeds]
+        return [Run(setting, seed) for setting in self.settings for seed in self.seeds_of(setting)]
+
+    def seeds_of(self, setting: str) -> list:
+        """The plan's seeds, or the setting's own (e.g. more seeds where a small effect needs a narrower interval;
+        claims pair the seeds both settings have)."""
+        return self.settings[setting].get("seeds", self.seeds)
 
     def baseline_of(self, setting: str) -> str:
         return self.settings[setting].get("baseline", self.baseline)
@@ -104,10 +109,7 @@ def validate(data: dict) -> None:
     for name, setting in data["settings"].items():
         validate_setting(name, setting, kind, data["settings"])
     expect(data["baseline"] in data["settings"], "baseline", f"{data['baseline']!r} is not a setting")
-    seeds = data["seeds"]
-    expect(isinstance(seeds, list) and seeds and all(is_int(s) and s >= 0 for s in seeds), "seeds",
-           f"must be a non-empty list of integers >= 0, got {seeds!r}")
-    expect(len(set(seeds)) == len(seeds), "seeds", "must not repeat a seed")
+    validate_seeds("seeds", data["seeds"])
     if kind == "image":
         validate_image_base(data["base"])
         validate_evaluation(data.get("evaluation"))
@@ -130,6 +132,12 @@ def validate(data: dict) -> None:
            "must be a list of metric names")
 
 
+def validate_seeds(field: str, seeds) -> None:
+    expect(isinstance(seeds, list) and seeds and all(is_int(s) and s >= 0 for s in seeds), field,
+           f"must be a non-empty list of integers >= 0, got {seeds!r}")
+    expect(len(set(seeds)) == len(seeds), field, "must not repeat a seed")
+
+
 def validate_setting(name, setting, kind: str, settings: dict) -> None:
     field = f"settings.{name}"
     expect(isinstance(name, str) and NAME.match(name), field,
@@ -146,6 +154,8 @@ def validate_setting(name, setting, kind: str, settings: dict) -> None:
     expect(isinstance(setting.get("series", ""), str), f"{field}.series", "must be a string")
     if "baseline" in setting:
         expect(setting["baseline"] in settings, f"{field}.baseline", f"{setting['baseline']!r} is not a setting")
+    if "seeds" in setting:
+        validate_seeds(f"{field}.seeds", setting["seeds"])
 
 
 def validate_image_base(base: dict) -> None:

@@ -89,8 +89,10 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
     lines += claims_table(plan, records, summary["claims"]) if summary["claims"] else ["(the plan lists no claims)"]
     lines += ["", f"Verdict rule. {VERDICT_RULE}", "",
               "## Settings", "", "Mean ± half-width of the Student-t 95 % interval over seeds "
-              f"(seeds: {', '.join(str(s) for s in plan.seeds)}; a setting's seeds with a record are in "
-              "summary.json).", ""]
+              f"(seeds: {', '.join(str(s) for s in plan.seeds)}"
+              + "".join(f"; {name}: {', '.join(str(s) for s in setting['seeds'])}"
+                        for name, setting in plan.settings.items() if "seeds" in setting)
+              + "; a setting's seeds with a record are in summary.json).", ""]
 
     def cell(name, metric):
         entry = settings[name]["metrics"].get(metric)

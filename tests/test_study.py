@@ -77,6 +77,7 @@ def fresh_calls():
     ({"kind": "video"}, "kind"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [0, 0]}, "seeds"),
+    ({"settings": {"clean": {"seeds": [1, 1]}}}, "settings.clean.seeds"),
     ({"baseline": "nope"}, "baseline"),
     ({"settings": {"clean": {}, "bad/name": {}}}, "settings.bad/name"),
     ({"settings": {"clean": {"kwarg": {}}}}, "settings.clean.kwarg"),
@@ -173,6 +174,20 @@ def test_verdicts_on_constructed_runs(tmp_path):
     assert "| up | Thm 1: +0.2 nats | `entropy` |" in (tmp_path / "out/fake/report.md").read_text()
     one_pair = run_study(tmp_path, gmm_plan(plan="one", claims=claims[:1], seeds=[0]))
     assert one_pair["claims"][0]["verdict"] == "inconclusive" and one_pair["claims"][0]["ci95"] is None
+
+
+def test_a_setting_with_its_own_seeds_runs_them_and_pairs_the_shared_ones(tmp_path):
+    plan = gmm_plan(seeds=[0, 1])
+    plan["settings"]["cep-1"]["seeds"] = [0, 1, 2, 3]    # more seeds where the effect is small
+    assert [run.name for run in load_plan(write_plan(tmp_path, plan)).runs()] == [
+        "clean-seed0", "clean-seed1", "cep-0.5-seed0", "cep-0.5-seed1",
+        "cep-1-seed0", "cep-1-seed1", "cep-1-seed2", "cep-1-seed3"]
+    plan["settings"]["clean"]["seeds"] = [0, 1, 2]
+    summary = run_study(tmp_path, plan)
+    assert [setting["seeds"] for setting in summary["settings"]] == [[0, 1, 2], [0, 1], [0, 1, 2, 3]]
+    assert len(summary["settings"][2]["metrics"]["entropy"]["values"]) == 4
+    report = (tmp_path / "out/fake/report.md").read_text()
+    assert "(seeds: 0, 1; clean: 0, 1, 2; cep-1: 0, 1, 2, 3;" in report
 
 
 def test_summary_json_schema(tmp_path):
