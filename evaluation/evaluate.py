@@ -140,6 +140,17 @@ def score(samples: dict, fake: dict, real: dict, train: dict, reference_images: 
     return out
 
 
+def held_out_memorisation(real: dict, train: dict, reference_split: str, count: int, threshold: float) -> dict:
+    """The memorisation ratio and top-5 L2 of `count` held-out real images: what a model that memorised nothing scores
+    in these features (a threshold set for CLIP features may count most fresh MNIST images as "memorised"). Empty
+    when the reference is the train split itself, whose distance to itself is 0."""
+    if reference_split == "train":
+        return {}
+    held_out = real["pool"][:count]
+    return {"memorization_ratio_held_out": metrics.memorization_ratio(held_out, train["pool"], threshold),
+            "top5_l2_held_out": metrics.mean_topk_distance(held_out, train["pool"], k=5)}
+
+
 def library_versions() -> dict:
     return {name: importlib.metadata.version(name) for name in LIBRARIES}
 
@@ -162,6 +173,8 @@ def evaluate(args) -> list[dict]:
         real = extract_features(extractor, reference["reference_images"])
         train = extract_features(extractor, reference["train_images"], keys=("pool",))
         vq_model, vq_mode = vq_source(args, sampler)
+        held_out = held_out_memorisation(real, train, reference["reference_split"], args.num_samples,
+                                         args.memorization_threshold)
         text_tower = TextTower(args.text_tower) if args.text_tower else None
         reference_seconds = time.perf_counter() - start
     for guidance in args.guidance:
@@ -182,6 +195,7 @@ def evaluate(args) -> list[dict]:
         if text_tower is not None and prompts is not None:
             prompts_embedding = text_tower([prompts[s % len(prompts)] for s in seeds])
         values = score(samples, fake, real, train, reference["reference_images"], args, prompts_embedding, vq)
+        values |= held_out
         metric_seconds = time.perf_counter() - start
         record = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

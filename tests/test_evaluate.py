@@ -58,8 +58,21 @@ def test_metrics_jsonl_holds_every_setting(evaluated):
         assert set(record["versions"]) >= {"torch", "torchmetrics"}
         assert record["run"]["corruption"]["ratio"] == 0.05
         assert record["reference"] == {"split": "train", "num": 1797, "num_train": 1797, "dataset": "digits"}
+        assert "memorization_ratio_held_out" not in values     # the reference is the train split itself
         assert record["timing"]["sample_seconds_per_1000"] > 0
         assert len(list(Path(record["samples_dir"]).glob("*.png"))) == 24
+
+
+def test_held_out_memorisation_scores_fresh_images_against_the_train_split():
+    from evaluation import metrics
+    from evaluation.evaluate import held_out_memorisation
+    train = {"pool": torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    near = {"pool": torch.cat([train["pool"][:10] * 1.001, -train["pool"][:10]])}   # copies, then far directions
+    scores = held_out_memorisation(near, train, "test", 10, 0.12)               # the first 10: the copies
+    assert scores == {"memorization_ratio_held_out": 1.0,
+                      "top5_l2_held_out": pytest.approx(metrics.mean_topk_distance(near["pool"][:10], train["pool"]))}
+    assert held_out_memorisation(near, train, "test", 20, 0.12)["memorization_ratio_held_out"] < 1.0
+    assert held_out_memorisation(near, train, "train", 10, 0.12) == {}
 
 
 def test_rerun_resumes_and_reproduces(evaluated):
