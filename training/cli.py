@@ -40,13 +40,9 @@ def flag_message(message: str, parser: argparse.ArgumentParser) -> str | None:
 
 def run(parser: argparse.ArgumentParser, entry, *args):
     """entry(*args) as an entry point's whole life in its process group: a user error that names a flag becomes
-    `parser.error`'s one line and exit status 2; the group is left in every case. On success the ranks meet first:
-    a rank that tears gloo down while its peer still uses the connection aborts the peer ("terminate called without
-    an active exception")."""
+    `parser.error`'s one line and exit status 2; the group is left in every case (each entry ends at a barrier)."""
     try:
-        result = entry(*args)
-        distributed.barrier()
-        return result
+        return entry(*args)
     except USER_ERRORS as error:
         line = flag_message(str(error), parser)
         if line is None:
