@@ -11,9 +11,17 @@ extra images); training has no lr decay, so the weights at N images equal those 
 prerequisites are made first. Each finished stage is appended to results/study/<plan>/curves/<setting>-seed<k>.json
 (with the plot beside it); a stage already there is not run again, and a record whose definition differs (training
 flags, evaluation) starts over.
+
+A candidate remedy is measured as a variant of a setting before the plan is changed: --variant NAME --variant-args
+FLAGS appends training flags to the setting's and keeps its own record and run dir (setting "<setting>+<NAME>"):
+
+    python -m evaluation.learning_curve configs/studies/paper2-control.json --setting no-metadata --at 100000 200000 \
+        --variant lr2e-3 --variant-args "--lr 2e-3"
 """
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation import study, study_runners as runners  # noqa: E402
-from evaluation.study_plan import PlanError, Run, load_plan  # noqa: E402
+from evaluation.study_plan import NAME, PlanError, Run, load_plan  # noqa: E402
 from training.checkpoint import atomic_write  # noqa: E402
 
 LEARNED = 0.9   # issue 12: a clean model has learned its condition at label agreement >= 0.9 at the main scale
@@ -31,6 +39,23 @@ LEARNED = 0.9   # issue 12: a clean model has learned its condition at label agr
 
 def curve_spec(plan, run: Run, num_samples: int, guidance: list[float]) -> dict:
     return {**study.run_spec(plan, run), "evaluation": runners.evaluation_args(plan, num_samples, guidance)}
+
+
+def with_variant(plan, setting: str, name: str, flags: list[str]):
+    """The plan with one more setting, `setting` with `flags` appended to its training flags: (plan, its name)."""
+    if not NAME.match(name):
+        raise PlanError("--variant", f"must be a name of letters, digits, '.', '_', '+', '-', got {name!r}")
+    if not flags:
+        raise PlanError("--variant-args", "names no training flags")
+    variant = f"{setting}+{name}"
+    settings = plan.settings[setting]
+    plan = dataclasses.replace(plan, settings={**plan.settings, variant: {**settings,
+                                                                           "args": settings.get("args", []) + flags}})
+    try:
+        runners.image_config(plan, variant)
+    except PlanError as error:
+        raise PlanError("--variant-args", str(error).split(": ", 1)[1]) from error
+    return plan, variant
 
 
 def stage(plan, run: Run, run_dir: Path, images: int, num_samples: int, guidance: list[float], prerequisites: dict,
@@ -94,6 +119,11 @@ def parser() -> argparse.ArgumentParser:
                    help="scales to evaluate (default: the plan's first)")
     p.add_argument("--main-scale", type=float, default=None,
                    help="the plan's main scale, where 'learned' is read (default: the first of --guidance)")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="measure the setting with --variant-args appended, as setting '<setting>+NAME'")
+    p.add_argument("--variant-args", default=None, metavar="FLAGS",
+                   help="training flags appended to the setting's, one string: \"--lr 2e-3 --set model.patch_size=4\" "
+                        "(a single flag as --variant-args=--random-crop)")
     p.add_argument("--runs-root", default="runs/study")
     p.add_argument("--out", default="results/study")
     return p
@@ -107,6 +137,10 @@ def learning_curve(argv: list[str]) -> dict:
     setting = args.setting or plan.baseline
     if setting not in plan.settings:
         raise PlanError("--setting", f"{setting!r} is not a setting of {plan.name}; known: {list(plan.settings)}")
+    if (args.variant is None) != (args.variant_args is None):
+        raise PlanError("--variant", "--variant NAME and --variant-args FLAGS go together")
+    if args.variant is not None:
+        plan, setting = with_variant(plan, setting, args.variant, shlex.split(args.variant_args))
     if any(n <= 0 for n in args.at) or sorted(set(args.at)) != args.at:
         raise PlanError("--at", f"must be increasing positive image counts, got {args.at}")
     if args.num_samples < 2:

@@ -48,7 +48,12 @@ def test_stages_resume_and_match_a_straight_run(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("flags, field", [(["--at", "64", "32"], "--at"), (["--at", "0"], "--at"),
                                           (["--at", "32", "--setting", "nope"], "--setting"),
-                                          (["--at", "32", "--main-scale", "3.0"], "--main-scale")])
+                                          (["--at", "32", "--main-scale", "3.0"], "--main-scale"),
+                                          (["--at", "32", "--variant", "lr"], "--variant"),
+                                          (["--at", "32", "--variant", "a/b", "--variant-args", "--lr 2"], "--variant"),
+                                          (["--at", "32", "--variant", "lr", "--variant-args", " "], "--variant-args"),
+                                          (["--at", "32", "--variant", "lr", "--variant-args", "--lr x"],
+                                           "--variant-args")])
 def test_bad_arguments_name_the_flag(tmp_path, capsys, flags, field):
     with pytest.raises(SystemExit) as exit_:
         learning_curve.main([str(write_plan(tmp_path, image_plan())), "--out", str(tmp_path / "out"), *flags])
@@ -68,3 +73,19 @@ def test_the_plan_report_shows_its_curves(tmp_path):
     study.write_json(tmp_path / "curves/clean-seed0.json", {"points": [point], "learned_at": 64, "main_scale": 1.0})
     section = "\n".join(curves_section(tmp_path))
     assert "| 64 | 0.93 | 2.5 |" in section and "real images score 0.962" in section
+
+
+def test_a_variant_has_its_own_flags_record_and_run_dir(tmp_path, monkeypatch):
+    seen = []
+
+    def stage(plan, run, run_dir, images, *rest):
+        seen.append((run, run_dir, study_runners.train_args(plan, run.setting)))
+        return {"at": images, "images": images, "metrics": {"label_agreement@1.0": 0.5}}
+    monkeypatch.setattr(learning_curve, "stage", stage)
+    record = curve(tmp_path, image_plan(), "--at", "32", "--variant", "lr2", "--variant-args",
+                   "--lr 2e-3 --set model.depth=1")
+    (run, run_dir, args), = seen
+    assert run.setting == record["setting"] == "clean+lr2" and run_dir == tmp_path / "runs/tiny/_curves/clean+lr2/seed0"
+    assert args[-4:] == ["--lr", "2e-3", "--set", "model.depth=1"] and record["spec"]["train"] == args
+    assert (tmp_path / "out/tiny/curves/clean+lr2-seed0.json").is_file()
+    assert not (tmp_path / "out/tiny/curves/clean-seed0.json").exists()
