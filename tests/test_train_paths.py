@@ -16,7 +16,7 @@ AUTOENCODER = ["--preset", "vq-f4-tiny", "--image-size", "16", "--batch-size", "
                "--checkpoint-every-images", "32"]
 
 
-def test_autoencoder_then_latent_diffusion(tmp_path):
+def test_autoencoder_then_latent_diffusion(tmp_path, capsys):
     main_autoencoder([*AUTOENCODER, "--run-dir", str(tmp_path / "ae")])
     autoencoder, config = load_autoencoder(tmp_path / "ae" / "autoencoder.pt")
     assert config["preset"] == "vq-f4-tiny" and float(autoencoder.scale_factor) != 1.0
@@ -33,8 +33,44 @@ def test_autoencoder_then_latent_diffusion(tmp_path):
     assert cache["latents"].shape == (1797, 3, 4, 4) and cache["flipped"].shape == (1797, 3, 4, 4)
     assert not torch.equal(cache["latents"], cache["flipped"])
     assert (run_dir / "samples" / "samples-000000032.png").is_file()
+
+    crops = tmp_path / "ldm-crops"    # paper 2's crop conditioning on latents: 24 px stored, 16 px crops
+    main([*TINY, "--run-dir", str(crops), "--image-size", "16", "--autoencoder", str(tmp_path / "ae"), "--random-crop",
+          "--set", "data.crop_margin=8", "--set", "model.control_dim=5", "--total-images", "32"])
+    assert json.loads((crops / "config.json").read_text())["model"]["input_size"] == 4
+    assert torch.load(crops / "latents.pt", weights_only=True)["latents"].shape == (1797, 3, 6, 6)
+    with pytest.raises(SystemExit, match="2"):
+        main([*TINY, "--run-dir", str(tmp_path / "y"), "--image-size", "16", "--autoencoder", str(tmp_path / "ae"),
+              "--random-crop", "--set", "data.crop_margin=2"])
+    assert "error: --set: data.crop_margin=2: must be a multiple of the autoencoder's downsampling factor 4" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):   # python -m training.train: error: --autoencoder: ... does not exist
         main([*TINY, "--run-dir", str(tmp_path / "x"), "--autoencoder", str(tmp_path / "none")])
+
+
+def test_random_crops_of_latents_and_their_control():
+    from types import SimpleNamespace
+
+    from training.latents import LatentSource
+    latents = torch.randn(6, 3, 5, 5)
+    source = LatentSource(latents, None, torch.full((6, 2), 28), 4, SimpleNamespace(downsample_factor=4), crop_size=3)
+    seen = set()
+    for seed in range(20):
+        x, control = source.batch(torch.arange(6), torch.Generator().manual_seed(seed))
+        assert x.shape == (6, 3, 3, 3) and control.shape == (6, 5)
+        for image, (top, left, *_, flip) in zip(range(6), control.long().tolist()):
+            assert top % 4 == 0 and left % 4 == 0 and flip == 0
+            top, left = top // 4, left // 4
+            assert torch.equal(x[image], latents[image, :, top:top + 3, left:left + 3])
+            seen.add((top, left))
+    assert seen == {(t, l) for t in range(3) for l in range(3)}
+    flipped = LatentSource(latents, latents.flip(-1), torch.full((6, 2), 28), 4, SimpleNamespace(downsample_factor=4),
+                           crop_size=3)
+    for seed in range(10):   # a flipped latent is the mirrored image's; the control names the unflipped crop
+        x, control = flipped.batch(torch.arange(6), torch.Generator().manual_seed(seed))
+        for image, (top, left, *_, flip) in zip(range(6), control.long().tolist()):
+            crop = latents[image, :, top // 4:top // 4 + 3, left // 4:left // 4 + 3]   # the crop in the unflipped image
+            assert torch.equal(x[image], crop.flip(-1) if flip else crop)
 
 
 def test_text_conditioning_with_caption_swap(tmp_path):

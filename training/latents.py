@@ -25,6 +25,10 @@ def autoencoder_file(path) -> Path:
 def encoded_shape(config: dict, dataset: ImageDataset, device) -> tuple[int, int, int]:
     """(C, h, w) of the run's latents, from one encoded image (nothing cached: the run dir is not checked yet)."""
     autoencoder, _ = load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)
+    margin = dataset.images.shape[-1] - config["data"]["image_size"]
+    if margin % autoencoder.downsample_factor:
+        raise ValueError(f"--set data.crop_margin={margin}: must be a multiple of the autoencoder's downsampling "
+                         f"factor {autoencoder.downsample_factor} (random crops of latents move in whole latent cells)")
     x, _ = augment(dataset.images[:1], dataset.original_sizes[:1], config["data"]["image_size"], False, False,
                    torch.Generator())
     with torch.no_grad():
@@ -36,14 +40,16 @@ class LatentSource:
 
     def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, original_sizes: torch.Tensor,
                  crop_offset: int, autoencoder, std: torch.Tensor | None = None,
-                 flipped_std: torch.Tensor | None = None):
+                 flipped_std: torch.Tensor | None = None, crop_size: int | None = None):
         """`latents`, `flipped`, `std`: tensors or memory-mapped latent_shards.ShardedArray. With `std` (a KL
         posterior's scaled std) each batch draws a fresh posterior sample, as LDM and DiT do when encoding on the
-        fly; without it the stored latent (VQ latent, KL mean) is used as is."""
+        fly; without it the stored latent (VQ latent, KL mean) is used as is. With `crop_size` (latent cells) the
+        latents are of the whole stored image and each batch takes random crops (crop_offset is then unused)."""
         self.latents, self.flipped, self.original_sizes, self.crop_offset = latents, flipped, original_sizes, crop_offset
         self.std, self.flipped_std = std, flipped_std
+        self.crop_size = crop_size
         self.autoencoder = autoencoder
-        self.shape = tuple(latents.shape[1:])
+        self.shape = (latents.shape[1], crop_size, crop_size) if crop_size else tuple(latents.shape[1:])
 
     @classmethod
     def from_shards(cls, shards, config: dict, device) -> "LatentSource":
@@ -70,22 +76,26 @@ class LatentSource:
     @classmethod
     def build(cls, dataset: ImageDataset, config: dict, run_dir: Path | None, rank: int, device) -> "LatentSource":
         data, path = config["data"], autoencoder_file(config["latent"]["autoencoder"])
-        if data["random_crop"]:
-            raise ValueError("--random-crop is not supported with --autoencoder (latents are encoded once)")
         autoencoder, _ = load_autoencoder(path, map_location=device)
+        store_size, factor = dataset.images.shape[-1], autoencoder.downsample_factor
+        # Random crops of cached latents (paper 2's crop conditioning on an LDM): the stored image (image_size +
+        # crop_margin, a whole number of latent cells: encoded_shape checks) is encoded whole and each batch crops it.
+        crop_size = data["image_size"] // factor if data["random_crop"] else None
+        encode_size = store_size if crop_size else data["image_size"]
         # The cache is valid for this exact autoencoder file and data selection.
         key = {"autoencoder": str(path.resolve()), "mtime": path.stat().st_mtime_ns, "hflip": data["hflip"],
-               **{k: data[k] for k in ("dataset", "path", "split", "image_size", "channels", "resize")}}
+               **{k: data[k] for k in ("dataset", "path", "split", "channels", "resize")}, "image_size": encode_size}
         cache = run_dir / "latents.pt" if run_dir is not None else None
         if rank == 0 and (cache is None or not cache.exists() or torch.load(cache, weights_only=True)["key"] != key):
-            encoded = encode_dataset(autoencoder, dataset, data["image_size"], data["hflip"], device)
+            encoded = encode_dataset(autoencoder, dataset, encode_size, data["hflip"], device)
             if cache is not None:
                 atomic_write(cache, lambda temporary: torch.save({"key": key, **encoded}, temporary))
         distributed.barrier()
         if cache is not None:
             encoded = torch.load(cache, weights_only=True)
-        crop_offset = centre_offset(dataset.images.shape[-1], data["image_size"])  # encode_dataset's centre crop
-        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, crop_offset, autoencoder)
+        crop_offset = centre_offset(store_size, data["image_size"])  # encode_dataset's centre crop
+        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, crop_offset, autoencoder,
+                   crop_size=crop_size)
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.latents[indices]
@@ -98,8 +108,22 @@ class LatentSource:
                 std = torch.where(flips[:, None, None, None], self.flipped_std[indices], std)
         if std is not None:
             x = x + std * torch.randn(x.shape, generator=generator)
-        offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
+        if self.crop_size:
+            x, offsets = self.random_crops(x, flips, generator)
+        else:
+            offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
         return x, control_metadata(offsets, self.original_sizes[indices], flips)
+
+    def random_crops(self, x: torch.Tensor, flips: torch.Tensor, generator: torch.Generator):
+        """Latents [B, C, L, L] of whole stored images -> (random crops [B, C, c, c], crop offsets in pixels [B, 2]),
+        the offsets as augment reports them: (top, left) of the crop in the unflipped image."""
+        span, size = x.shape[-1] - self.crop_size, self.crop_size
+        cells = torch.randint(0, span + 1, (len(x), 2), generator=generator)
+        # a flipped latent encodes the mirrored image: the crop at `left` of the image is at span - left there
+        lefts = torch.where(flips, span - cells[:, 1], cells[:, 1])
+        crops = torch.stack([latent[:, top:top + size, left:left + size]
+                             for latent, top, left in zip(x, cells[:, 0].tolist(), lefts.tolist())])
+        return crops, cells * self.autoencoder.downsample_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
