@@ -5,6 +5,7 @@ import re
 
 from training import distributed
 from training.checkpoint import CheckpointError
+from training.data import DatasetError
 from training.presets import check_override, parse_override, set_path
 
 USER_ERRORS = (ValueError, OSError, CheckpointError)
@@ -45,6 +46,8 @@ def run(parser: argparse.ArgumentParser, entry, *args):
         return entry(*args)
     except USER_ERRORS as error:
         line = flag_message(str(error), parser)
+        if line is None and isinstance(error, DatasetError):   # its message names the data set's path
+            line = f"--dataset: {error}"
         if line is None:
             raise
         parser.exit(2, f"{parser.prog}: error: {line}\n")
