@@ -96,7 +96,10 @@ def test_torchrun_two_ranks_reproduce_the_single_process_numbers(evaluated, tmp_
                    cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in lines] == [2, 2]
-    assert [r["metrics"] for r in lines] == [r["metrics"] for r in records]
+    for two_ranks, one in zip(lines, records):   # float64 BLAS reductions (sFID's sqrtm) may split differently
+        assert two_ranks["metrics"].keys() == one["metrics"].keys()
+        for key, value in one["metrics"].items():
+            assert two_ranks["metrics"][key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value)
 
 
 def test_exported_extractor_by_path(evaluated):
