@@ -163,11 +163,16 @@ def augment(images: torch.Tensor, original_sizes: torch.Tensor, image_size: int,
     else:
         offsets = torch.full((batch, 2), centre_offset(store_size, image_size), dtype=torch.int64)
     flips = torch.rand(batch, generator=generator) < 0.5 if hflip else torch.zeros(batch, dtype=torch.bool)
-    crops = torch.stack([img[:, top:top + image_size, left:left + image_size]
-                         for img, (top, left) in zip(images, offsets.tolist())])
+    crops = crop(images, offsets[:, 0], offsets[:, 1], image_size)
     crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
     x = crops.float() / 127.5 - 1.0
     return x, control_metadata(offsets, original_sizes, flips)
+
+
+def crop(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, S, S] -> [B, C, size, size], image i cropped at (tops[i], lefts[i]) (pixels or latent cells)."""
+    return torch.stack([image[:, top:top + size, left:left + size]
+                        for image, top, left in zip(images, tops.tolist(), lefts.tolist())])
 
 
 def control_metadata(offsets: torch.Tensor, original_sizes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from models.autoencoder import AutoencoderKL, load_autoencoder
 from training import distributed
 from training.checkpoint import atomic_write
-from training.data import ImageDataset, augment, centre_offset, control_metadata
+from training.data import ImageDataset, augment, centre_offset, control_metadata, crop
 
 ENCODE_BATCH = 256
 
@@ -121,9 +121,7 @@ class LatentSource:
         cells = torch.randint(0, span + 1, (len(x), 2), generator=generator)
         # a flipped latent encodes the mirrored image: the crop at `left` of the image is at span - left there
         lefts = torch.where(flips, span - cells[:, 1], cells[:, 1])
-        crops = torch.stack([latent[:, top:top + size, left:left + size]
-                             for latent, top, left in zip(x, cells[:, 0].tolist(), lefts.tolist())])
-        return crops, cells * self.autoencoder.downsample_factor
+        return crop(x, cells[:, 0], lefts, size), cells * self.autoencoder.downsample_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
