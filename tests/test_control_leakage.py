@@ -58,3 +58,19 @@ def test_reference_of_a_random_crop_run_is_the_centre_crop():
     full = load_reference({"data": {**data, "image_size": 8, "random_crop": False}})
     assert reference["reference_images"].shape[1:] == (6, 6, 1)
     np.testing.assert_array_equal(reference["reference_images"], full["reference_images"][:, 1:7, 1:7])
+
+
+def test_classifier_of_a_random_crop_run_sees_random_crops():
+    data = {"dataset": "digits", "image_size": 6, "channels": 1, "resize": "pad", "random_crop": True,
+            "crop_margin": 2}
+    views = load_reference({"data": data})["classifier_images"]
+    clean = load_reference({"data": {**data, "image_size": 8, "random_crop": False}})
+    stored = clean["train_images"]
+    offsets = set()
+    for view, image in zip(views, stored):
+        matches = [(top, left) for top in range(3) for left in range(3)
+                   if np.array_equal(view, image[top:top + 6, left:left + 6])]
+        assert matches, "every classifier image is a crop of its stored image"
+        offsets.update(matches)
+    assert len(offsets) == 9
+    np.testing.assert_array_equal(clean["classifier_images"], clean["train_images"])
