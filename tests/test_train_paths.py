@@ -34,43 +34,31 @@ def test_autoencoder_then_latent_diffusion(tmp_path, capsys):
     assert not torch.equal(cache["latents"], cache["flipped"])
     assert (run_dir / "samples" / "samples-000000032.png").is_file()
 
-    crops = tmp_path / "ldm-crops"    # paper 2's crop conditioning on latents: 24 px stored, 16 px crops
+    crops = tmp_path / "ldm-crops"    # paper 2's crop conditioning on latents: 18 px stored, 16 px crops
     main([*TINY, "--run-dir", str(crops), "--image-size", "16", "--autoencoder", str(tmp_path / "ae"), "--random-crop",
-          "--set", "data.crop_margin=8", "--set", "model.control_dim=5", "--total-images", "32"])
+          "--set", "data.crop_margin=2", "--set", "model.control_dim=5", "--total-images", "32"])
     assert json.loads((crops / "config.json").read_text())["model"]["input_size"] == 4
-    assert torch.load(crops / "latents.pt", weights_only=True)["latents"].shape == (1797, 3, 6, 6)
-    with pytest.raises(SystemExit, match="2"):
-        main([*TINY, "--run-dir", str(tmp_path / "y"), "--image-size", "16", "--autoencoder", str(tmp_path / "ae"),
-              "--random-crop", "--set", "data.crop_margin=2"])
-    assert "error: --set: data.crop_margin=2: must be a multiple of the autoencoder's downsampling factor 4" in \
-        capsys.readouterr().err
+    assert not (crops / "latents.pt").exists()   # crops are encoded per batch
     with pytest.raises(SystemExit, match="2"):   # python -m training.train: error: --autoencoder: ... does not exist
         main([*TINY, "--run-dir", str(tmp_path / "x"), "--autoencoder", str(tmp_path / "none")])
 
 
-def test_random_crops_of_latents_and_their_control():
-    from types import SimpleNamespace
+def test_random_crops_are_encoded_per_batch_with_their_control():
+    from training.data import PixelSource, augment, load_dataset
+    from training.latents import EncodedCropSource
 
-    from training.latents import LatentSource
-    latents = torch.randn(6, 3, 5, 5)
-    source = LatentSource(latents, None, torch.full((6, 2), 28), 4, SimpleNamespace(downsample_factor=4), crop_size=3)
-    seen = set()
-    for seed in range(20):
-        x, control = source.batch(torch.arange(6), torch.Generator().manual_seed(seed))
-        assert x.shape == (6, 3, 3, 3) and control.shape == (6, 5)
-        for image, (top, left, *_, flip) in zip(range(6), control.long().tolist()):
-            assert top % 4 == 0 and left % 4 == 0 and flip == 0
-            top, left = top // 4, left // 4
-            assert torch.equal(x[image], latents[image, :, top:top + 3, left:left + 3])
-            seen.add((top, left))
-    assert seen == {(t, l) for t in range(3) for l in range(3)}
-    flipped = LatentSource(latents, latents.flip(-1), torch.full((6, 2), 28), 4, SimpleNamespace(downsample_factor=4),
-                           crop_size=3)
-    for seed in range(10):   # a flipped latent is the mirrored image's; the control names the unflipped crop
-        x, control = flipped.batch(torch.arange(6), torch.Generator().manual_seed(seed))
-        for image, (top, left, *_, flip) in zip(range(6), control.long().tolist()):
-            crop = latents[image, :, top // 4:top // 4 + 3, left // 4:left // 4 + 3]   # the crop in the unflipped image
-            assert torch.equal(x[image], crop.flip(-1) if flip else crop)
+    dataset = load_dataset("digits", image_size=6, crop_margin=2)
+    autoencoder = torch.nn.Conv2d(1, 3, 2, stride=2)
+    autoencoder.encode = autoencoder.forward
+    source = EncodedCropSource(PixelSource(dataset, 6, hflip=True, random_crop=True), autoencoder, "cpu")
+    indices = torch.arange(40)
+    x, control = source.batch(indices, torch.Generator().manual_seed(3))
+    pixels, expected = augment(dataset.images[indices], dataset.original_sizes[indices], 6, True, True,
+                               torch.Generator().manual_seed(3))
+    torch.testing.assert_close(control, expected)
+    assert control[:, :2].unique(dim=0).shape[0] > 1 and control[:, 4].unique().numel() == 2  # crops and flips vary
+    with torch.no_grad():
+        torch.testing.assert_close(x, autoencoder(pixels))   # the latent of each crop, not a crop of a latent
 
 
 def test_text_conditioning_with_caption_swap(tmp_path):

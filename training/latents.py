@@ -1,6 +1,6 @@
 """The LDM path: training inputs are an autoencoder's latents, encoded once and cached in the run dir
 (run_dir/latents.pt), with horizontally flipped copies when flips are on (flipping latents only approximates
-encoding a flipped image, so both orientations are encoded)."""
+encoding a flipped image, so both orientations are encoded); with random crops, encoded per batch."""
 from pathlib import Path
 
 import torch
@@ -8,7 +8,7 @@ import torch
 from models.autoencoder import AutoencoderKL, load_autoencoder
 from training import distributed
 from training.checkpoint import atomic_write
-from training.data import ImageDataset, augment, centre_offset, control_metadata, crop
+from training.data import ImageDataset, PixelSource, augment, centre_offset, control_metadata
 
 ENCODE_BATCH = 256
 
@@ -25,10 +25,6 @@ def autoencoder_file(path) -> Path:
 def encoded_shape(config: dict, dataset: ImageDataset, device) -> tuple[int, int, int]:
     """(C, h, w) of the run's latents, from one encoded image (nothing cached: the run dir is not checked yet)."""
     autoencoder, _ = load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)
-    margin = dataset.images.shape[-1] - config["data"]["image_size"]
-    if margin % autoencoder.downsample_factor:
-        raise ValueError(f"--set data.crop_margin={margin}: must be a multiple of the autoencoder's downsampling "
-                         f"factor {autoencoder.downsample_factor} (random crops of latents move in whole latent cells)")
     x, _ = augment(dataset.images[:1], dataset.original_sizes[:1], config["data"]["image_size"], False, False,
                    torch.Generator())
     with torch.no_grad():
@@ -36,20 +32,15 @@ def encoded_shape(config: dict, dataset: ImageDataset, device) -> tuple[int, int
 
 
 class LatentSource:
-    """Cached latents [N, C, h, w] (+ flipped copies) -> (x, control) batches; `decode` maps samples to pixels."""
+    """Cached latents [N, C, h, w] (+ flipped copies) -> (x, control) batches."""
 
     def __init__(self, latents: torch.Tensor, flipped: torch.Tensor | None, original_sizes: torch.Tensor,
-                 crop_offset: int, autoencoder, std: torch.Tensor | None = None,
-                 flipped_std: torch.Tensor | None = None, crop_size: int | None = None):
+                 crop_offset: int, std: torch.Tensor | None = None, flipped_std: torch.Tensor | None = None):
         """`latents`, `flipped`, `std`: tensors or memory-mapped latent_shards.ShardedArray. With `std` (a KL
         posterior's scaled std) each batch draws a fresh posterior sample, as LDM and DiT do when encoding on the
-        fly; without it the stored latent (VQ latent, KL mean) is used as is. With `crop_size` (latent cells) the
-        latents are of the whole stored image and each batch takes random crops (crop_offset is then unused)."""
+        fly; without it the stored latent (VQ latent, KL mean) is used as is."""
         self.latents, self.flipped, self.original_sizes, self.crop_offset = latents, flipped, original_sizes, crop_offset
         self.std, self.flipped_std = std, flipped_std
-        self.crop_size = crop_size
-        self.autoencoder = autoencoder
-        self.shape = (latents.shape[1], crop_size, crop_size) if crop_size else tuple(latents.shape[1:])
 
     @classmethod
     def from_shards(cls, shards, config: dict, device) -> "LatentSource":
@@ -64,38 +55,32 @@ class LatentSource:
                              f"{shards.root} was encoded at")
         if data["hflip"] and not shards.has("flipped"):
             raise ValueError(f"--hflip needs flipped latents: encode {shards.root} with --hflip")
-        autoencoder, _ = load_autoencoder(autoencoder_file(spec["autoencoder"]), map_location=device)
+        autoencoder_file(spec["autoencoder"])  # sampling decodes with it: a missing file fails now, not after training
         sample = (config.get("latent") or {}).get("posterior", "mean") == "sample" and shards.has("latents_std")
         arrays = {name: ShardedArray(shards, name) if shards.has(name) else None
                   for name in ("latents", "flipped", "latents_std", "flipped_std")}
         # encode_latents encodes at the storage size (no crop margin): the crop offset is 0.
         return cls(arrays["latents"], arrays["flipped"] if data["hflip"] else None,
-                   ShardedArray(shards, "original_sizes"), 0, autoencoder,
+                   ShardedArray(shards, "original_sizes"), 0,
                    arrays["latents_std"] if sample else None, arrays["flipped_std"] if sample and data["hflip"] else None)
 
     @classmethod
     def build(cls, dataset: ImageDataset, config: dict, run_dir: Path | None, rank: int, device) -> "LatentSource":
         data, path = config["data"], autoencoder_file(config["latent"]["autoencoder"])
         autoencoder, _ = load_autoencoder(path, map_location=device)
-        store_size, factor = dataset.images.shape[-1], autoencoder.downsample_factor
-        # Random crops of cached latents (paper 2's crop conditioning on an LDM): the stored image (image_size +
-        # crop_margin, a whole number of latent cells: encoded_shape checks) is encoded whole and each batch crops it.
-        crop_size = data["image_size"] // factor if data["random_crop"] else None
-        encode_size = store_size if crop_size else data["image_size"]
         # The cache is valid for this exact autoencoder file and data selection.
         key = {"autoencoder": str(path.resolve()), "mtime": path.stat().st_mtime_ns, "hflip": data["hflip"],
-               **{k: data[k] for k in ("dataset", "path", "split", "channels", "resize")}, "image_size": encode_size}
+               **{k: data[k] for k in ("dataset", "path", "split", "channels", "resize")}, "image_size": data["image_size"]}
         cache = run_dir / "latents.pt" if run_dir is not None else None
         if rank == 0 and (cache is None or not cache.exists() or torch.load(cache, weights_only=True)["key"] != key):
-            encoded = encode_dataset(autoencoder, dataset, encode_size, data["hflip"], device)
+            encoded = encode_dataset(autoencoder, dataset, data["image_size"], data["hflip"], device)
             if cache is not None:
                 atomic_write(cache, lambda temporary: torch.save({"key": key, **encoded}, temporary))
         distributed.barrier()
         if cache is not None:
             encoded = torch.load(cache, weights_only=True)
-        crop_offset = centre_offset(store_size, data["image_size"])  # encode_dataset's centre crop
-        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, crop_offset, autoencoder,
-                   crop_size=crop_size)
+        crop_offset = centre_offset(dataset.images.shape[-1], data["image_size"])  # encode_dataset's centre crop
+        return cls(encoded["latents"], encoded.get("flipped"), dataset.original_sizes, crop_offset)
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.latents[indices]
@@ -108,24 +93,28 @@ class LatentSource:
                 std = torch.where(flips[:, None, None, None], self.flipped_std[indices], std)
         if std is not None:
             x = x + std * torch.randn(x.shape, generator=generator)
-        if self.crop_size:
-            x, offsets = self.random_crops(x, flips, generator)
-        else:
-            offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
+        offsets = torch.full((len(indices), 2), self.crop_offset, dtype=torch.int64)
         return x, control_metadata(offsets, self.original_sizes[indices], flips)
 
-    def random_crops(self, x: torch.Tensor, flips: torch.Tensor, generator: torch.Generator):
-        """Latents [B, C, L, L] of whole stored images -> (random crops [B, C, c, c], crop offsets in pixels [B, 2]),
-        the offsets as augment reports them: (top, left) of the crop in the unflipped image."""
-        span, size = x.shape[-1] - self.crop_size, self.crop_size
-        cells = torch.randint(0, span + 1, (len(x), 2), generator=generator)
-        # a flipped latent encodes the mirrored image: the crop at `left` of the image is at span - left there
-        lefts = torch.where(flips, span - cells[:, 1], cells[:, 1])
-        return crop(x, cells[:, 0], lefts, size), cells * self.autoencoder.downsample_factor
+
+class EncodedCropSource:
+    """Random crops on the LDM path, as SDXL trains: each batch's pixel crops (with their offsets and flips as
+    control metadata) are encoded by the frozen autoencoder. Cropping cached latents instead is cheaper but wrong:
+    the crop of an encoding is not the encoding of the crop (convolutions see past the crop's edge)."""
+
+    def __init__(self, pixels: PixelSource, autoencoder, device):
+        self.pixels, self.autoencoder, self.device = pixels, autoencoder, device
+
+    @classmethod
+    def build(cls, dataset: ImageDataset, config: dict, device) -> "EncodedCropSource":
+        data = config["data"]
+        autoencoder, _ = load_autoencoder(autoencoder_file(config["latent"]["autoencoder"]), map_location=device)
+        return cls(PixelSource(dataset, data["image_size"], data["hflip"], random_crop=True), autoencoder, device)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(latents.float())
+    def batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, control = self.pixels.batch(indices, generator)
+        return self.autoencoder.encode(x.to(self.device)).float(), control
 
 
 @torch.no_grad()

@@ -78,9 +78,11 @@ def input_source(config: dict, dataset, run_dir: Path | None, rank: int, device)
         from training.latents import LatentSource
 
         return LatentSource.from_shards(dataset, config, device)
-    if config.get("latent"):
-        from training.latents import LatentSource  # the LDM path: encode once with a trained autoencoder
+    if config.get("latent"):  # the LDM path: encode with a trained autoencoder, once or (random crops) per batch
+        from training.latents import EncodedCropSource, LatentSource
 
+        if data["random_crop"]:
+            return EncodedCropSource.build(dataset, config, device)
         return LatentSource.build(dataset, config, run_dir, rank, device)
     if isinstance(dataset, StreamIndex):
         images = StreamedImages(dataset, data["image_size"] + store_margin(data), data["channels"], data["resize"])
