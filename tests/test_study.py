@@ -3,6 +3,7 @@ rule, summary.json, and one tiny image plan end to end. Plans of kind "gmm" run 
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -386,3 +387,12 @@ def test_tiny_image_plan_end_to_end(tmp_path):
     assert (run_dir / "ema.safetensors").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert summary["settings"][0]["metrics"]["fid@1.0"]["values"] == [record["metrics"]["fid@1.0"]]
     assert (tmp_path / "out/tiny/report.md").is_file()
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/studies/*.json")),
+                         ids=lambda path: path.stem)
+def test_every_shipped_plan_loads_and_builds_each_setting(path):
+    plan = load_plan(path)
+    if plan.kind == "image":   # a training config per setting: presets, flags and --set keys all resolve
+        configs = {setting: study_runners.image_config(plan, setting) for setting in plan.settings}
+        assert len({json.dumps(config, sort_keys=True) for config in configs.values()}) == len(configs)
