@@ -16,7 +16,7 @@ AUTOENCODER = ["--preset", "vq-f4-tiny", "--image-size", "16", "--batch-size", "
                "--checkpoint-every-images", "32"]
 
 
-def test_autoencoder_then_latent_diffusion(tmp_path, capsys):
+def test_autoencoder_then_latent_diffusion(tmp_path):
     main_autoencoder([*AUTOENCODER, "--run-dir", str(tmp_path / "ae")])
     autoencoder, config = load_autoencoder(tmp_path / "ae" / "autoencoder.pt")
     assert config["preset"] == "vq-f4-tiny" and float(autoencoder.scale_factor) != 1.0

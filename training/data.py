@@ -170,7 +170,7 @@ def augment(images: torch.Tensor, original_sizes: torch.Tensor, image_size: int,
 
 
 def crop(images: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, size: int) -> torch.Tensor:
-    """[B, C, S, S] -> [B, C, size, size], image i cropped at (tops[i], lefts[i]) (pixels or latent cells)."""
+    """[B, C, S, S] -> [B, C, size, size], image i cropped at (tops[i], lefts[i])."""
     return torch.stack([image[:, top:top + size, left:left + size]
                         for image, top, left in zip(images, tops.tolist(), lefts.tolist())])
 

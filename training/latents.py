@@ -70,7 +70,7 @@ class LatentSource:
         autoencoder, _ = load_autoencoder(path, map_location=device)
         # The cache is valid for this exact autoencoder file and data selection.
         key = {"autoencoder": str(path.resolve()), "mtime": path.stat().st_mtime_ns, "hflip": data["hflip"],
-               **{k: data[k] for k in ("dataset", "path", "split", "channels", "resize")}, "image_size": data["image_size"]}
+               **{k: data[k] for k in ("dataset", "path", "split", "image_size", "channels", "resize")}}
         cache = run_dir / "latents.pt" if run_dir is not None else None
         if rank == 0 and (cache is None or not cache.exists() or torch.load(cache, weights_only=True)["key"] != key):
             encoded = encode_dataset(autoencoder, dataset, data["image_size"], data["hflip"], device)
