@@ -116,8 +116,9 @@ def outcome(stats: dict | None) -> dict:
 def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
     """Makes (or resumes, or finds finished) the prerequisites the runs to do name, once per invocation, and records
     each: the record keeps its final training stats (e.g. an autoencoder's reconstruction error) for the report. Run
-    dirs do not travel between machines but records do, so a prerequisite is re-made on each machine; a re-made one
-    whose final stats differ from the record's (a nondeterministic re-make) is reported, not hidden."""
+    dirs do not travel between machines but records do, so a prerequisite is re-made on each machine. A re-make that
+    reproduces the record keeps it (its wall time is the making cost, not a resume's seconds); one whose final stats
+    differ from the record's (a nondeterministic re-make) is reported, not hidden."""
     for name in dict.fromkeys(name for run in todo for name in plan.prerequisites_of(run.setting)):
         if name in made:
             continue
@@ -127,12 +128,14 @@ def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
         record = {"plan": plan.name, "name": name, "spec": prerequisite_spec(plan, name),
                   **runners.make_prerequisite(plan, name, prerequisite_dirs(args, plan)[name]),
                   "machine": machine(), "git_commit": git_commit(), "finished": now()}
-        if previous and previous.get("spec") == record["spec"] and outcome(previous["final_stats"]) != outcome(
-                record["final_stats"]):
+        same_spec = previous is not None and previous.get("spec") == record["spec"]
+        reproduced = same_spec and outcome(previous["final_stats"]) == outcome(record["final_stats"])
+        if same_spec and not reproduced:
             print(f"study: warning: prerequisite {name} was re-made with final stats {record['final_stats']}, not "
                   f"the recorded {previous['final_stats']}", file=sys.stderr)
             record["previous_final_stats"] = previous["final_stats"]
-        write_json(path, record)
+        if not reproduced:
+            write_json(path, record)
         made.add(name)
 
 

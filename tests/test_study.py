@@ -286,7 +286,7 @@ def test_prerequisites_are_made_once_before_the_runs_that_name_them(tmp_path, mo
     made, trained = [], []
     stats = {"loss": 0.5, "seconds": 1.0}
     monkeypatch.setattr(study_runners, "make_prerequisite", lambda plan, name, directory: made.append(
-        (name, directory)) or {"command": "make", "wall_s": 2.0, "final_stats": dict(stats), "run_dir": str(directory)})
+        (name, directory)) or {"command": "make", "wall_s": 2 * stats["seconds"], "final_stats": dict(stats), "run_dir": str(directory)})
     monkeypatch.setattr(study_runners, "run_image", lambda plan, run, directory, prerequisites: trained.append(
         (run.name, prerequisites)) or {"metrics": {"fid@2.0": 1.0}, "commands": [], "wall_s": 1.0})
     run_study(tmp_path, prerequisite_plan(seeds=[0, 1]), "--only", "clean")
@@ -306,14 +306,15 @@ def test_prerequisites_are_made_once_before_the_runs_that_name_them(tmp_path, mo
     run_study(tmp_path, changed)
     assert len(made) == 2 and [name for name, _ in trained[4:]] == ["cep-u-seed0", "cep-u-seed1"]
     assert "warning" not in capsys.readouterr().err           # a changed spec is no re-make
-    stats["seconds"] = 3.0                                     # a re-make that differs in its wall time only
+    stats["seconds"] = 3.0                                     # a re-make (or resume) that differs in its wall time only
     run_study(tmp_path, changed | {"seeds": [0, 1, 2]})
     assert len(made) == 3 and "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "out/tiny/prerequisites/pre.json").read_text())["wall_s"] == 2.0  # the making cost
     stats["loss"] = 0.6                                        # a re-make (another machine) that came out different
     run_study(tmp_path, changed | {"seeds": [0, 1, 2, 3]})
     assert "warning: prerequisite pre was re-made" in capsys.readouterr().err
     record = json.loads((tmp_path / "out/tiny/prerequisites/pre.json").read_text())
-    assert record["previous_final_stats"] == {"loss": 0.5, "seconds": 3.0} and record["final_stats"]["loss"] == 0.6
+    assert record["previous_final_stats"] == {"loss": 0.5, "seconds": 1.0} and record["final_stats"]["loss"] == 0.6
 
 
 def test_dry_run_cost_from_gmm_records(tmp_path, capsys):
