@@ -201,7 +201,8 @@ def pending(plan: Plan, selected: list[Run], records: dict) -> list[Run]:
 
 
 def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
-    """Prints every selected run with its status and estimate; returns (and stores) the summary for report.md."""
+    """Prints every selected run with its status and estimate; returns the summary and, for the whole plan (a
+    partial dry run must not replace the plan's cost in its report), stores it for report.md."""
     todo = pending(plan, selected, records)
     done = [record for run, record in records.items() if not is_stale(plan, run, record)]
     if not todo:
@@ -225,7 +226,8 @@ def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
           f"machine; estimate from {source}")
     summary = {"time": now(), "runs": len(selected), "todo": len(todo), "estimated_s": total, "source": source,
                "machine": machine(), "command": args.command}
-    write_json(Path(args.out) / plan.name / "dry_run.json", summary)
+    if args.only is None and args.shard is None:
+        write_json(Path(args.out) / plan.name / "dry_run.json", summary)
     return summary
 
 

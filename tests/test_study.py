@@ -331,6 +331,9 @@ def test_dry_run_cost_from_gmm_records(tmp_path, capsys):
     total = 3.0 + 2 * 10.0 + 3 * 16 / 3
     assert "clean-seed0    done" in out and f"6 of 9 runs to do, estimated {total:.0f} s" in out
     assert json.loads((tmp_path / "out/fake/dry_run.json").read_text())["estimated_s"] == pytest.approx(total)
+    for part in (["--only", "clean"], ["--shard", "0/2"]):         # a part of the plan keeps the plan's cost
+        run_study(tmp_path, gmm_plan(), "--dry-run", *part)
+        assert json.loads((tmp_path / "out/fake/dry_run.json").read_text())["estimated_s"] == pytest.approx(total)
 
 
 def test_dry_run_calibrates_gmm_with_one_unrecorded_run(tmp_path, capsys):
