@@ -74,3 +74,32 @@ def test_consistency_check_catches_a_diverged_rank(tmp_path):
     mp.spawn(_consistency_worker, args=(str(tmp_path),), nprocs=2)
     assert (tmp_path / "rank0.txt").read_text() == "passed"
     assert "rank 1 is out of sync with rank 0 at bias" in (tmp_path / "rank1.txt").read_text()
+
+
+def _shutdown_worker(rank, folder, port):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from training import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init()
+    model = DistributedDataParallel(torch.nn.Linear(3, 2))
+    model(torch.ones(4, 3)).sum().backward()
+    del model
+    distributed.shutdown()
+    threads = [Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")]
+    (Path(folder) / f"rank{rank}.txt").write_text(" ".join(name for name in threads if "gloo" in name))
+
+
+def test_shutdown_frees_the_group_after_ddp(tmp_path):
+    """A DDP run's process group (and its gloo threads) is gone after `shutdown`, not left to interpreter teardown."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_shutdown_worker, args=(str(tmp_path), port), nprocs=2)
+    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["", ""]

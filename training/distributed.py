@@ -7,8 +7,14 @@ import torch.distributed as dist
 
 
 def init() -> torch.device:
-    """Joins the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, nccl on GPU."""
+    """Joins the process group when launched by torchrun (RANK/WORLD_SIZE set); gloo on CPU, nccl on GPU.
+
+    torch._dynamo is imported before the group exists, not lazily by the first DistributedDataParallel: imported
+    while a group exists, it keeps references to that group, so `shutdown` cannot free it and the group's gloo threads
+    outlive the interpreter, where they can abort the process at exit (rarely: "terminate called without an active
+    exception", SIGABRT) and turn a finished run into a failed one."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        from torch import _dynamo  # noqa: F401  (costs ~1.5 s, so only for multi-process runs)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
