@@ -221,9 +221,10 @@ def dry_run(args, plan: Plan, selected: list[Run], records: dict) -> dict:
         cost = (f"({records[run]['wall_s']:.1f} s recorded)" if run not in seconds else
                 "~? s" if seconds[run] is None else f"~{seconds[run]:8.1f} s")
         print(f"{run.name:<{width}}  {status:<6} {cost}")
-    total = sum(value or 0.0 for value in seconds.values())
-    print(f"{len(todo)} of {len(selected)} runs to do, estimated {total:.0f} s ({total / 3600:.2f} h) on this "
-          f"machine; estimate from {source}")
+    # one run without an estimate (no prerequisite to calibrate on) makes the total unknown, not smaller
+    total = None if None in seconds.values() else sum(seconds.values())
+    cost = "cost unknown" if total is None else f"estimated {total:.0f} s ({total / 3600:.2f} h)"
+    print(f"{len(todo)} of {len(selected)} runs to do, {cost} on this machine; estimate from {source}")
     summary = {"time": now(), "runs": len(selected), "todo": len(todo), "estimated_s": total, "source": source,
                "machine": machine(), "command": args.command}
     if args.only is None and args.shard is None:

@@ -162,7 +162,8 @@ def dry_run_line(out_dir: Path) -> str:
     if not path.is_file():
         return "no --dry-run was made before the runs"
     dry = json.loads(path.read_text())
-    return (f"{dry['estimated_s']:.0f} s for {dry['todo']} of {dry['runs']} runs (`--dry-run` at {dry['time']}, "
+    cost = "unknown" if dry["estimated_s"] is None else f"{dry['estimated_s']:.0f} s"
+    return (f"{cost} for {dry['todo']} of {dry['runs']} runs (`--dry-run` at {dry['time']}, "
             f"{dry['source']})")
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from evaluation import study, study_runners
+from evaluation import study, study_report, study_runners
 from evaluation.study_plan import PlanError, load_plan, select
 from evaluation.study_stats import mean_interval, paired_difference, verdict
 
@@ -351,6 +351,15 @@ def test_dry_run_cost_from_image_records(tmp_path, capsys):
     run_study(tmp_path, image_plan(seeds=[0, 1]), "--dry-run")
     # start-up 10 - 32/4 = 2 s, training 32/4 = 8 s, evaluation fixed 20 - 0.5*20 = 10 s + 0.5 s x 20 images
     assert "3 of 4 runs to do, estimated 90 s" in capsys.readouterr().out
+
+
+def test_dry_run_cost_is_unknown_before_the_baselines_prerequisite_is_made(tmp_path, capsys):
+    plan = prerequisite_plan() | {"baseline": "cep-u", "claims": []}      # calibrating needs `pre`, never made
+    run_study(tmp_path, plan, "--dry-run")
+    out = capsys.readouterr().out
+    assert "2 of 2 runs to do, cost unknown" in out and "calibrating needs prerequisite pre" in out
+    assert json.loads((tmp_path / "out/tiny/dry_run.json").read_text())["estimated_s"] is None
+    assert study_report.dry_run_line(tmp_path / "out/tiny").startswith("unknown for 2 of 2 runs")
 
 
 def test_failures_name_the_job_and_write_no_record(tmp_path):
