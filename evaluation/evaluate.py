@@ -13,6 +13,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import time
 from pathlib import Path
 
@@ -107,6 +108,26 @@ def vq_source(args, sampler: Sampler):
     return None, None
 
 
+def entropy_temperature(text: str) -> float | str:
+    """--entropy-temperature: a positive number, or 'codebook'."""
+    if text == "codebook":
+        return text
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = math.nan
+    if not tau > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'codebook', got {text!r}")
+    return tau
+
+
+def vq_temperature(choice: float | str, model) -> float | None:
+    """The entropy tau: the given number, or the VQ codebook's code spacing (metrics.codebook_temperature)."""
+    if model is None:
+        return None
+    return metrics.codebook_temperature(model.codebook.detach()) if choice == "codebook" else choice
+
+
 @torch.no_grad()
 def vq_latents(model, mode: str, samples: dict) -> torch.Tensor:
     """Pre-quantisation latents in the codebook's (unscaled) space, [N, D, h, w]."""
@@ -124,7 +145,7 @@ def vq_latents(model, mode: str, samples: dict) -> torch.Tensor:
 
 def score(samples: dict, fake: dict, real: dict, train: dict, reference_images: np.ndarray, args,
           prompts_embedding=None, vq=None) -> dict:
-    """Every metric that the available features support, as a flat dict of floats. vq = (latents, codebook);
+    """Every metric that the available features support, as a flat dict of floats. vq = (latents, codebook, tau);
     reference_images (uint8 [N, H, W, C]) anchor the centre-of-mass offset."""
     out = {"fid": metrics.frechet_distance(real["pool"], fake["pool"])}
     if "spatial" in fake and "spatial" in real:
@@ -147,7 +168,7 @@ def score(samples: dict, fake: dict, real: dict, train: dict, reference_images: 
     out["top5_l2"] = metrics.mean_topk_distance(fake["pool"], train["pool"], k=5)
     out.update(metrics.com_offset(samples["images"], reference_images))
     if vq is not None:
-        out["vq_entropy"] = metrics.vq_sample_entropy(*vq, args.entropy_temperature)
+        out["vq_entropy"] = metrics.vq_sample_entropy(*vq)
     if prompts_embedding is not None:
         out["clip_score"] = metrics.clip_score(fake["pool"], prompts_embedding)
     return out
@@ -186,6 +207,7 @@ def evaluate(args) -> list[dict]:
         real = extract_features(extractor, reference["reference_images"])
         train = extract_features(extractor, reference["train_images"], keys=("pool",))
         vq_model, vq_mode = vq_source(args, sampler)
+        tau = vq_temperature(args.entropy_temperature, vq_model)
         held_out = held_out_memorisation(real, train, reference["reference_split"], args.num_samples,
                                          args.memorization_threshold)
         text_tower = TextTower(args.text_tower) if args.text_tower else None
@@ -203,7 +225,7 @@ def evaluate(args) -> list[dict]:
         start = time.perf_counter()
         samples = load_samples(out_dir, seeds, sampler.conditioner.num_classes)
         fake = extract_features(extractor, samples["images"])
-        vq = (vq_latents(vq_model, vq_mode, samples), vq_model.codebook.detach()) if vq_model is not None else None
+        vq = None if vq_model is None else (vq_latents(vq_model, vq_mode, samples), vq_model.codebook.detach(), tau)
         prompts_embedding = None
         if text_tower is not None and prompts is not None:
             prompts_embedding = text_tower([prompts[s % len(prompts)] for s in seeds])
@@ -221,7 +243,7 @@ def evaluate(args) -> list[dict]:
             "settings": {"pr_k": args.pr_k, "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
                          "is_splits": args.is_splits, "rmd_top_fraction": args.rmd_top_fraction,
                          "memorization_threshold": args.memorization_threshold, "top_k": 5,
-                         "entropy_temperature": args.entropy_temperature, "vq_source": vq_mode,
+                         "entropy_temperature": tau, "vq_source": vq_mode,
                          "text_tower": args.text_tower, "top_pr": {"alpha": 0.1, "bootstrap": 10}},
             "run": {"corruption": config.get("corruption"), "cep_mode": config["model"].get("cep_mode"),
                     "cep_gamma": config["model"].get("cep_gamma"), "model": config["model"]},
@@ -264,7 +286,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=600, help="training steps of that classifier")
     p.add_argument("--text-tower", default=None, help="TorchScript text tower (list[str] -> [B, D]) for CLIP score")
     p.add_argument("--vq-autoencoder", default=None, help="VQ autoencoder checkpoint for sample entropy")
-    p.add_argument("--entropy-temperature", type=float, default=1.0, help="tau of the VQ entropy softmax")
+    p.add_argument("--entropy-temperature", type=entropy_temperature, default=1.0,
+                   help="tau of the VQ entropy softmax: a number, or 'codebook' for the code spacing (1 saturates at "
+                        "log K when code words lie closer than 1)")
     p.add_argument("--memorization-threshold", type=float, default=0.12, help="NN distance in normalised features")
     p.add_argument("--rmd-top-fraction", type=float, default=0.01)
     p.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds (precision/recall)")

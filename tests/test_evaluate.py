@@ -51,6 +51,7 @@ def test_metrics_jsonl_holds_every_setting(evaluated):
             assert math.isfinite(values[key]), key
         assert 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1 and values["fid"] > 0
         assert 0 < values["vq_entropy"] <= math.log(16) + 1e-9
+        assert record["settings"]["entropy_temperature"] == 1.0
         assert "top_pr_skipped" in values          # 24 samples are too few for TopP&R's balloon bandwidth
         assert record["num_samples"] == 24 and record["sampler"] == "ddim" and record["steps"] == 3
         assert record["extractor"]["kind"] == "digit-classifier" and record["extractor"]["test_accuracy"] > 0.8
@@ -129,6 +130,21 @@ def test_report_table_plots_and_grids(evaluated, tmp_path):
     assert "| run | corruption eta | CEP |" in text and "FID" in text and "Entropy" in text
     assert (tmp_path / "fid_vs_guidance.png").is_file() and (tmp_path / "fid_vs_eta.png").is_file()
     assert len(list(tmp_path.glob("samples_*.png"))) >= 2
+
+
+def test_entropy_temperature_is_a_number_or_the_codebook_spacing(evaluated, capsys):
+    from evaluation import metrics
+    from evaluation.evaluate import vq_temperature
+    from models.autoencoder import load_autoencoder
+    _, root, argv, _ = evaluated
+    vq = load_autoencoder(root / "vq.pt")[0]
+    assert parser().parse_args([*argv, "--entropy-temperature", "codebook"]).entropy_temperature == "codebook"
+    assert vq_temperature("codebook", vq) == metrics.codebook_temperature(vq.codebook.detach())
+    assert vq_temperature(0.5, vq) == 0.5 and vq_temperature("codebook", None) is None
+    for bad in ("hot", "0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            parser().parse_args([*argv, "--entropy-temperature", bad])
+        assert "--entropy-temperature" in capsys.readouterr().err
 
 
 def test_help_and_bad_inputs(tmp_path):

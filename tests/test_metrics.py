@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 import scipy.special
 import scipy.stats
 import torch
@@ -201,6 +202,25 @@ def test_vq_entropy_matches_scipy():
     on_codes = codebook[torch.arange(25) % 16].reshape(1, 5, 5, 4).permute(0, 3, 1, 2)
     assert metrics.vq_sample_entropy(on_codes, codebook, 1e-4) == pytest.approx(0.0, abs=1e-6)
     assert metrics.vq_sample_entropy(latents, codebook, 1e6) == pytest.approx(math.log(16), rel=1e-4)
+
+
+def test_codebook_temperature_keeps_the_entropy_off_its_ceiling():
+    g = torch.Generator().manual_seed(0)
+    codebook = 0.01 * torch.randn(16, 3, generator=g)      # code words ~0.01 apart, as a small VQ's (tau = 1 >> that)
+    latents = (codebook[torch.arange(32) % 16] + 0.003 * torch.randn(32, 3, generator=g)).reshape(2, 4, 4, 3)
+    latents = latents.permute(0, 3, 1, 2)
+    distances = scipy.spatial.distance.cdist(codebook.double().numpy(), codebook.double().numpy(), "sqeuclidean")
+    np.fill_diagonal(distances, np.inf)
+    tau = metrics.codebook_temperature(codebook)
+    assert tau == pytest.approx(np.median(distances.min(axis=1)))
+    assert metrics.vq_sample_entropy(latents, codebook, 1.0) > 0.999 * math.log(16)   # saturated: blind to the data
+    entropy = metrics.vq_sample_entropy(latents, codebook, tau)
+    assert 0.05 < entropy < 0.5 * math.log(16)
+    # In the codebook's own units the entropy does not depend on the latent space's scale.
+    scaled = metrics.codebook_temperature(1000 * codebook)
+    assert metrics.vq_sample_entropy(1000 * latents, 1000 * codebook, scaled) == pytest.approx(entropy)
+    with pytest.raises(ValueError, match="codebook"):
+        metrics.codebook_temperature(torch.zeros(4, 3))
 
 
 def test_label_agreement():
