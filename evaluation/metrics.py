@@ -298,7 +298,7 @@ def codebook_temperature(codebook: torch.Tensor) -> float:
     """A tau for vq_sample_entropy in the codebook's own units: the median squared distance from a code word to its
     nearest other code word. Paper 1 does not state tau; its Fig. 4 entropies (0.39-0.44 nats, of log 8192 = 9.0)
     need a tau of about the code spacing. A fixed tau far above the spacing saturates at log K: our MNIST VQ-f4 codes
-    are 4e-4 apart, and tau = 1 gives log 256 - 0.004 for every model."""
+    are 4.5e-4 apart, and tau = 1 gives log 256 - 0.004 for every model."""
     codebook = _check_features("codebook", codebook, min_rows=2)
     nearest = torch.cdist(codebook, codebook).square().fill_diagonal_(math.inf).amin(dim=1)
     spacing = float(nearest.quantile(0.5))
