@@ -1,6 +1,6 @@
 """A study's committed outputs in results/study/<plan>/: summary.json (schema in configs/studies/README.md),
-report.md (settings x metrics with intervals, paired differences to the baseline, claims with verdicts and the
-rule, cost, machine, commands) and the PNG plots."""
+report.md (settings x metrics with intervals, paired differences to the baseline, each image run's own numbers,
+claims with verdicts and the rule, cost, machine, commands) and the PNG plots."""
 import json
 from pathlib import Path
 
@@ -49,12 +49,12 @@ def with_interval(mean, interval) -> str:
     return number(mean) + (f" ± {number((interval[1] - interval[0]) / 2, 2)}" if interval else "")
 
 
-def grid(rows: list[str], metrics: list[str], cell) -> list[str]:
+def grid(rows: list[str], metrics: list[str], cell, label: str = "setting") -> list[str]:
     """Markdown tables of rows x metrics, at most COLUMNS_PER_TABLE metric columns each."""
     lines = []
     for start in range(0, len(metrics), COLUMNS_PER_TABLE):
         chunk = metrics[start:start + COLUMNS_PER_TABLE]
-        lines += ["| setting | " + " | ".join(f"`{m}`" for m in chunk) + " |", "|---" * (len(chunk) + 1) + "|"]
+        lines += [f"| {label} | " + " | ".join(f"`{m}`" for m in chunk) + " |", "|---" * (len(chunk) + 1) + "|"]
         lines += ["| " + " | ".join([row] + [cell(row, m) for m in chunk]) + " |" for row in rows]
         lines.append("")
     return lines
@@ -108,7 +108,7 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
         rows = [name for name in settings if plan.baseline_of(name) != name]
         lines += grid(rows, metrics, lambda name, metric: with_interval(differences[name, metric]["difference"],
                                                                          differences[name, metric]["ci95"]))
-    lines += prerequisites_section(plan, out_dir) + curves_section(out_dir)
+    lines += runs_section(plan, records) + prerequisites_section(plan, out_dir) + curves_section(out_dir)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Commands", "", "One run per setting (the other seeds differ only in the seed):", ""]
@@ -118,6 +118,25 @@ def report(plan, records: list[dict], summary: dict, plots: list[Path], planned_
             lines += [f"- {name}, seed {first['seed']}, {first['wall_s']:.1f} s:"] + [
                 f"  `{command}`" for command in first["commands"]]
     return "\n".join(lines) + "\n"
+
+
+def runs_section(plan, records: list[dict]) -> list[str]:
+    """Image plans: one row per run (the plotted metrics, training and wall seconds), the values behind every
+    interval above. GMM plans have hundreds of cheap runs; their values are in summary.json."""
+    if plan.kind != "image" or not records:
+        return []
+    order = list(plan.settings)
+    runs = {f"{r['setting']}, seed {r['seed']}": r
+            for r in sorted(records, key=lambda r: (order.index(r["setting"]), r["seed"]))}
+
+    def cell(name, metric):
+        record = runs[name]
+        if metric in ("train_s", "wall_s"):
+            return "-" if record.get(metric) is None else f"{record[metric]:.0f}"
+        return number(record["metrics"].get(metric))
+
+    return ["## Runs", "", "Each run's own values (seconds: training, and training plus evaluation).", "",
+            *grid(list(runs), plotted_metrics(plan) + ["train_s", "wall_s"], cell, label="run")]
 
 
 def prerequisites_section(plan, out_dir: Path) -> list[str]:

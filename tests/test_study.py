@@ -255,6 +255,10 @@ def test_image_records_count_as_done_without_run_dirs(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists() and summary["wall_s"] == 400.0 and summary["machine"] == "elsewhere"
     assert summary["claims"][0]["difference"] == pytest.approx(-1.0)
     assert (tmp_path / "out/tiny/fid_vs_guidance.png").is_file()
+    report = (tmp_path / "out/tiny/report.md").read_text()   # each run's own values, in the plan's order
+    runs = report[report.index("## Runs"):report.index("## Plots")]
+    assert "| run | `fid@2.0` | `train_s` | `wall_s` |" in runs
+    assert runs.index("| clean, seed 1 | 8.9 | - | 100 |") < runs.index("| cep-u, seed 0 | 8 | - | 100 |")
 
 
 def test_stale_image_runs_run_again(tmp_path, monkeypatch):
