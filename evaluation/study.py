@@ -296,7 +296,7 @@ def study(argv: list[str]) -> dict | None:
         for run in tqdm(todo, desc=plan.name, unit="run", disable=args.no_progress):
             make_prerequisites(args, plan, [run], made)
             records[run] = execute(args, plan, run, stale=run in records)
-    current = [record for run, record in records.items() if not is_stale(plan, run, record)]
+    current = [records[run] for run in plan.runs() if run in records and not is_stale(plan, run, records[run])]
     if not current:
         print(f"{plan.name}: no finished runs yet; nothing to aggregate")
         return None
