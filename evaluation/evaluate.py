@@ -109,23 +109,27 @@ def vq_source(args, sampler: Sampler):
 
 
 def entropy_temperature(text: str) -> float | str:
-    """--entropy-temperature: a positive number, or 'codebook'."""
-    if text == "codebook":
+    """--entropy-temperature: a positive number, or 'quantization'."""
+    if text == "quantization":
         return text
     try:
         tau = float(text)
     except ValueError:
         tau = math.nan
     if not tau > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'codebook', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'quantization', got {text!r}")
     return tau
 
 
-def vq_temperature(choice: float | str, model) -> float | None:
-    """The entropy tau: the given number, or the VQ codebook's code spacing (metrics.codebook_temperature)."""
+def vq_temperature(choice: float | str, model, train_images: np.ndarray) -> float | None:
+    """The entropy tau: the given number, or the VQ's median quantisation error on the first 2000 training images
+    (metrics.quantization_temperature): one tau per autoencoder, whatever model is scored."""
     if model is None:
         return None
-    return metrics.codebook_temperature(model.codebook.detach()) if choice == "codebook" else choice
+    if choice != "quantization":
+        return choice
+    latents = vq_latents(model, "encode", {"images": train_images[:2000]})
+    return metrics.quantization_temperature(latents, model.codebook.detach())
 
 
 @torch.no_grad()
@@ -207,7 +211,7 @@ def evaluate(args) -> list[dict]:
         real = extract_features(extractor, reference["reference_images"])
         train = extract_features(extractor, reference["train_images"], keys=("pool",))
         vq_model, vq_mode = vq_source(args, sampler)
-        tau = vq_temperature(args.entropy_temperature, vq_model)
+        tau = vq_temperature(args.entropy_temperature, vq_model, reference["train_images"])
         held_out = held_out_memorisation(real, train, reference["reference_split"], args.num_samples,
                                          args.memorization_threshold)
         text_tower = TextTower(args.text_tower) if args.text_tower else None
@@ -287,8 +291,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tower", default=None, help="TorchScript text tower (list[str] -> [B, D]) for CLIP score")
     p.add_argument("--vq-autoencoder", default=None, help="VQ autoencoder checkpoint for sample entropy")
     p.add_argument("--entropy-temperature", type=entropy_temperature, default=1.0,
-                   help="tau of the VQ entropy softmax: a number, or 'codebook' for the code spacing (1 saturates at "
-                        "log K when code words lie closer than 1)")
+                   help="tau of the VQ entropy softmax: a number, or 'quantization' for the VQ's median squared "
+                        "quantisation error on training images (1 saturates at log K when code words lie closer than 1)")
     p.add_argument("--memorization-threshold", type=float, default=0.12, help="NN distance in normalised features")
     p.add_argument("--rmd-top-fraction", type=float, default=0.01)
     p.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds (precision/recall)")

@@ -132,15 +132,17 @@ def test_report_table_plots_and_grids(evaluated, tmp_path):
     assert len(list(tmp_path.glob("samples_*.png"))) >= 2
 
 
-def test_entropy_temperature_is_a_number_or_the_codebook_spacing(evaluated, capsys):
+def test_entropy_temperature_is_a_number_or_the_quantization_error(evaluated, capsys):
     from evaluation import metrics
-    from evaluation.evaluate import vq_temperature
+    from evaluation.evaluate import load_reference, vq_latents, vq_temperature
     from models.autoencoder import load_autoencoder
-    _, root, argv, _ = evaluated
+    run, root, argv, _ = evaluated
     vq = load_autoencoder(root / "vq.pt")[0]
-    assert parser().parse_args([*argv, "--entropy-temperature", "codebook"]).entropy_temperature == "codebook"
-    assert vq_temperature("codebook", vq) == metrics.codebook_temperature(vq.codebook.detach())
-    assert vq_temperature(0.5, vq) == 0.5 and vq_temperature("codebook", None) is None
+    assert parser().parse_args([*argv, "--entropy-temperature", "quantization"]).entropy_temperature == "quantization"
+    train = load_reference(json.loads((run / "config.json").read_text()))["train_images"]    # 1797 digits
+    latents = vq_latents(vq, "encode", {"images": train})
+    assert vq_temperature("quantization", vq, train) == metrics.quantization_temperature(latents, vq.codebook.detach())
+    assert vq_temperature(0.5, vq, train) == 0.5 and vq_temperature("quantization", None, train) is None
     for bad in ("hot", "0", "-1", "nan"):
         with pytest.raises(SystemExit):
             parser().parse_args([*argv, "--entropy-temperature", bad])

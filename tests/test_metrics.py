@@ -204,23 +204,31 @@ def test_vq_entropy_matches_scipy():
     assert metrics.vq_sample_entropy(latents, codebook, 1e6) == pytest.approx(math.log(16), rel=1e-4)
 
 
-def test_codebook_temperature_keeps_the_entropy_off_its_ceiling():
+def test_quantization_temperature_keeps_the_entropy_off_its_floor_and_ceiling():
     g = torch.Generator().manual_seed(0)
-    codebook = 0.01 * torch.randn(16, 3, generator=g)      # code words ~0.01 apart, as a small VQ's (tau = 1 >> that)
-    latents = (codebook[torch.arange(32) % 16] + 0.003 * torch.randn(32, 3, generator=g)).reshape(2, 4, 4, 3)
-    latents = latents.permute(0, 3, 1, 2)
-    distances = scipy.spatial.distance.cdist(codebook.double().numpy(), codebook.double().numpy(), "sqeuclidean")
-    np.fill_diagonal(distances, np.inf)
-    tau = metrics.codebook_temperature(codebook)
+    live = 0.01 * torch.randn(16, 3, generator=g)      # code words ~0.01 apart, as a small VQ's (tau = 1 >> that)
+    # Dead code words a hair from live ones, on the side away from the data, as a trained VQ's: a code-spacing tau
+    # (their ~1e-12 distances) would put the entropy at its floor.
+    codebook = torch.cat([live, live + 1e-6])
+    train = (live[torch.arange(64) % 16] - 0.002 * torch.rand(64, 3, generator=g)).reshape(4, 4, 4, 3)
+    samples = (live[torch.arange(32) % 16] - 0.003 * torch.rand(32, 3, generator=g)).reshape(2, 4, 4, 3)
+    train, samples = train.permute(0, 3, 1, 2), samples.permute(0, 3, 1, 2)
+    distances = scipy.spatial.distance.cdist(train.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy(),
+                                             codebook.double().numpy(), "sqeuclidean")
+    tau = metrics.quantization_temperature(train, codebook)
     assert tau == pytest.approx(np.median(distances.min(axis=1)))
-    assert metrics.vq_sample_entropy(latents, codebook, 1.0) > 0.999 * math.log(16)   # saturated: blind to the data
-    entropy = metrics.vq_sample_entropy(latents, codebook, tau)
-    assert 0.05 < entropy < 0.5 * math.log(16)
+    assert metrics.vq_sample_entropy(samples, codebook, 1.0) > 0.999 * math.log(32)   # saturated: blind to the data
+    entropy = metrics.vq_sample_entropy(samples, codebook, tau)
+    assert 0.2 < entropy < 0.5 * math.log(32)
     # In the codebook's own units the entropy does not depend on the latent space's scale.
-    scaled = metrics.codebook_temperature(1000 * codebook)
-    assert metrics.vq_sample_entropy(1000 * latents, 1000 * codebook, scaled) == pytest.approx(entropy)
+    scaled = metrics.quantization_temperature(1000 * train, 1000 * codebook)
+    assert metrics.vq_sample_entropy(1000 * samples, 1000 * codebook, scaled) == pytest.approx(entropy)
+    with pytest.raises(ValueError, match="latents"):
+        metrics.quantization_temperature(codebook[torch.arange(4)].reshape(1, 2, 2, 3).permute(0, 3, 1, 2), codebook)
+    with pytest.raises(ValueError, match="latents"):
+        metrics.quantization_temperature(train[0], codebook)
     with pytest.raises(ValueError, match="codebook"):
-        metrics.codebook_temperature(torch.zeros(4, 3))
+        metrics.quantization_temperature(train, codebook[:, :2])
 
 
 def test_label_agreement():
