@@ -8,7 +8,8 @@ evaluations -> mean and 95 % interval per setting, paired differences, verdicts 
     python -m evaluation.study configs/studies/gmm.json --aggregate-only      # report from the records only
 
 A run with a record in results/study/<plan>/runs/ is done, even where its run dir is gone; a record whose run
-definition (preset, flags, kwargs, evaluation) differs from the plan's is stale and runs again.
+definition (preset, flags, kwargs, evaluation) differs from the plan's is stale and runs again (a finished run dir
+whose evaluation alone changed is re-evaluated and keeps its recorded training cost).
 """
 import argparse
 import datetime
@@ -67,6 +68,10 @@ def load_records(plan: Plan, out: Path) -> dict:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: not valid JSON ({error}); delete it to run again") from error
     return records
+
+
+def without_evaluation(spec: dict) -> dict:
+    return {key: value for key, value in spec.items() if key != "evaluation"}
 
 
 def is_stale(plan: Plan, run: Run, record: dict) -> bool:
@@ -139,8 +144,8 @@ def make_prerequisites(args, plan: Plan, todo: list[Run], made: set) -> None:
         made.add(name)
 
 
-def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
-    """Runs one (setting, seed) and writes its record atomically."""
+def execute(args, plan: Plan, run: Run, previous: dict | None) -> dict:
+    """Runs one (setting, seed) and writes its record atomically. `previous`: its stale record, if any."""
     started = now()
     if plan.kind == "gmm":
         fields = runners.run_gmm(plan, run, not args.no_progress)
@@ -150,6 +155,12 @@ def execute(args, plan: Plan, run: Run, stale: bool) -> dict:
     record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),
               "started": started, "finished": now()}
+    if previous is not None and fields.get("images_trained") == 0 and previous.get("train_s") is not None and (
+            without_evaluation(previous["spec"]) == without_evaluation(json.loads(json.dumps(record["spec"])))):
+        # Only the evaluation changed and the finished run dir was resumed, not retrained: the record keeps the
+        # training cost recorded before (as a prerequisite's resume keeps its making cost).
+        record |= {"train_s": previous["train_s"], "wall_s": previous["train_s"] + fields["evaluate_s"],
+                   "reevaluated": True}
     write_json(record_path(Path(args.out), plan, run), record)
     return record
 
@@ -295,7 +306,7 @@ def study(argv: list[str]) -> dict | None:
         todo, made = pending(plan, selected, records), set()
         for run in tqdm(todo, desc=plan.name, unit="run", disable=args.no_progress):
             make_prerequisites(args, plan, [run], made)
-            records[run] = execute(args, plan, run, stale=run in records)
+            records[run] = execute(args, plan, run, records.get(run))
     current = [records[run] for run in plan.runs() if run in records and not is_stale(plan, run, records[run])]
     if not current:
         print(f"{plan.name}: no finished runs yet; nothing to aggregate")

@@ -161,7 +161,9 @@ def run_image(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict) -> d
     """Train (or resume: an already finished run costs a start-up) and evaluate one run; its record fields."""
     (train, train_env), (evaluate, evaluate_env) = image_commands(plan, run, run_dir, prerequisite_dirs)
     log = run_dir / "study.log"
+    images_before = images_seen(run_dir)
     train_s = execute(train, train_env, log)
+    images_trained = images_seen(run_dir) - images_before
     evaluate_s = execute(evaluate, evaluate_env, log)
     evaluations = newest_evaluations(plan, run_dir, plan.evaluation["num_samples"])
     config = json.loads((run_dir / "config.json").read_text())
@@ -169,7 +171,8 @@ def run_image(plan: Plan, run: Run, run_dir: Path, prerequisite_dirs: dict) -> d
                for name, value in record["metrics"].items() if is_number(value)}
     return {"metrics": metrics | cep_strength(run_dir),
             "commands": [shown(train, train_env), shown(evaluate, evaluate_env)], "wall_s": train_s + evaluate_s,
-            "train_s": train_s, "evaluate_s": evaluate_s, "evaluate_per_sample_s": per_sample_seconds(evaluations),
+            "train_s": train_s, "evaluate_s": evaluate_s, "images_trained": images_trained,
+            "evaluate_per_sample_s": per_sample_seconds(evaluations),
             "images_per_second": images_per_second(run_dir), "total_images": config["training"]["total_images"],
             "num_samples": plan.evaluation["num_samples"], "run_dir": str(run_dir)}
 
@@ -200,6 +203,12 @@ def training_stats(run_dir: Path) -> list[dict]:
     """The status ticks of a run's stats.jsonl (empty before its first tick)."""
     path = Path(run_dir) / "stats.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def images_seen(run_dir: Path) -> int:
+    """Training images seen by the run dir's last status tick (0 for a new run dir)."""
+    stats = training_stats(run_dir)
+    return stats[-1]["images_seen"] if stats else 0
 
 
 def images_per_second(run_dir: Path) -> float | None:

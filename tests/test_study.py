@@ -404,6 +404,16 @@ def test_tiny_image_plan_end_to_end(tmp_path):
     assert (run_dir / "ema.safetensors").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert summary["settings"][0]["metrics"]["fid@1.0"]["values"] == [record["metrics"]["fid@1.0"]]
     assert (tmp_path / "out/tiny/report.md").is_file()
+    # A new evaluation spec makes the record stale; the finished run dir is resumed, not retrained, so the record
+    # keeps the training cost recorded before and adds the new evaluation's.
+    plan["evaluation"]["args"] += ["--entropy-temperature", "2"]
+    run_study(tmp_path, plan)
+    again = json.loads((tmp_path / "out/tiny/runs/cep-u-seed0.json").read_text())
+    assert record["images_trained"] == 32 and again["images_trained"] == 0 and again["reevaluated"]
+    assert again["train_s"] == record["train_s"] and again["evaluate_s"] != record["evaluate_s"]
+    assert again["wall_s"] == pytest.approx(record["train_s"] + again["evaluate_s"])
+    assert "--entropy-temperature 2" in again["commands"][1]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/studies/*.json")),
