@@ -301,6 +301,12 @@ def _latent_vectors(latents: torch.Tensor) -> torch.Tensor:
     return latents.double().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
 
 
+def _code_distances(vectors: torch.Tensor, codebook: torch.Tensor, chunk: int):
+    """Squared distances of (M, D) vectors to the (K, D) code words, chunk * 1024 rows at a time (bounded memory)."""
+    for start in range(0, len(vectors), chunk * 1024):
+        yield torch.cdist(vectors[start:start + chunk * 1024], codebook).square()
+
+
 def quantization_temperature(latents: torch.Tensor, codebook: torch.Tensor, chunk: int = 64) -> float:
     """A tau for vq_sample_entropy in the codebook's own units: the median squared distance from a training latent
     vector to its nearest code word (the VQ's typical quantisation error). Paper 1 does not state tau; its Fig. 4
@@ -314,8 +320,7 @@ def quantization_temperature(latents: torch.Tensor, codebook: torch.Tensor, chun
     """
     vectors = _latent_vectors(latents)                                           # (N*H*W, D)
     codebook = _check_features("codebook", codebook, min_rows=2, dim=vectors.shape[1])
-    errors = torch.cat([torch.cdist(vectors[start:start + chunk * 1024], codebook).square().amin(dim=1)
-                        for start in range(0, len(vectors), chunk * 1024)])
+    errors = torch.cat([distances.amin(dim=1) for distances in _code_distances(vectors, codebook, chunk)])
     tau = float(errors.quantile(0.5))       # the mean of the middle two, as np.median
     if not tau > 0:
         raise ValueError("latents: most of them sit exactly on a code word; no quantisation error to set tau from")
@@ -334,9 +339,8 @@ def vq_sample_entropy(latents: torch.Tensor, codebook: torch.Tensor, temperature
     vectors = _latent_vectors(latents)                                           # (N*H*W, D)
     codebook = _check_features("codebook", codebook, dim=vectors.shape[1])
     total = 0.0
-    for start in range(0, len(vectors), chunk * 1024):
-        logits = -torch.cdist(vectors[start:start + chunk * 1024], codebook).square() / temperature
-        log_p = logits.log_softmax(dim=1)
+    for distances in _code_distances(vectors, codebook, chunk):
+        log_p = (-distances / temperature).log_softmax(dim=1)
         total += float(-(log_p.exp() * log_p).sum())
     return total / len(vectors)
 
