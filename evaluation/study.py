@@ -74,8 +74,13 @@ def without_evaluation(spec: dict) -> dict:
     return {key: value for key, value in spec.items() if key != "evaluation"}
 
 
+def current_spec(plan: Plan, run: Run) -> dict:
+    """run_spec as a record stores it (JSON: tuples become lists), so that it compares equal to a stored one."""
+    return json.loads(json.dumps(run_spec(plan, run)))
+
+
 def is_stale(plan: Plan, run: Run, record: dict) -> bool:
-    return record.get("spec") != json.loads(json.dumps(run_spec(plan, run)))
+    return record.get("spec") != current_spec(plan, run)
 
 
 def write_json(path: Path, data) -> None:
@@ -152,11 +157,11 @@ def execute(args, plan: Plan, run: Run, previous: dict | None) -> dict:
     else:
         # a stale run's old samples are not reused: evaluate remakes samples of other weights
         fields = runners.run_image(plan, run, run_dir(args, plan, run), prerequisite_dirs(args, plan))
-    record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": run_spec(plan, run), **fields,
+    record = {"plan": plan.name, "setting": run.setting, "seed": run.seed, "spec": current_spec(plan, run), **fields,
               "machine": machine(), "git_commit": git_commit(),
               "started": started, "finished": now()}
     if previous is not None and fields.get("images_trained") == 0 and previous.get("train_s") is not None and (
-            without_evaluation(previous["spec"]) == without_evaluation(json.loads(json.dumps(record["spec"])))):
+            without_evaluation(previous["spec"]) == without_evaluation(record["spec"])):
         # Only the evaluation changed and the finished run dir was resumed, not retrained: the record keeps the
         # training cost recorded before (as a prerequisite's resume keeps its making cost).
         record |= {"train_s": previous["train_s"], "wall_s": previous["train_s"] + fields["evaluate_s"],
